@@ -1,0 +1,53 @@
+//! `cargo xtask`: fencelab's build, boot and test driver.
+//!
+//! Every step is plain Rust; external tools (apt, make, QEMU) are run as child
+//! processes with their output shown or logged, never through shell scripts.
+
+mod boot;
+mod image;
+mod kernel;
+mod paths;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, boot and test fencelab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs (apt packages, Linux 7.3 source, rust-src, bindgen); idempotent.
+    Setup,
+    /// Build the guest kernel and modules (cached outside the clone).
+    Kernel(kernel::KernelArgs),
+    /// Build the initramfs (busybox, modules, fence-hammer, init).
+    Image,
+    /// The main job: setup, kernel, image, start fencelab-device, boot QEMU, run a workload, report.
+    Boot(boot::BootArgs),
+    /// The test suite: workspace unit tests, then a boot smoke test.
+    Test(test::TestArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run().map(drop),
+        Command::Kernel(args) => {
+            let toolchain = setup::run()?;
+            kernel::build(&toolchain, &args).map(drop)
+        }
+        Command::Image => {
+            let toolchain = setup::run()?;
+            let kernel = kernel::build(&toolchain, &kernel::KernelArgs::default())?;
+            image::build(&kernel).map(drop)
+        }
+        Command::Boot(args) => boot::run(&args),
+        Command::Test(args) => test::run(&args),
+    }
+}
