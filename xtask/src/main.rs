@@ -4,10 +4,14 @@
 //! processes with their output shown or logged, never through shell scripts.
 
 mod boot;
+mod console;
 mod image;
 mod kernel;
 mod paths;
+mod qemu;
+mod report;
 mod setup;
+mod supervise;
 mod test;
 
 use anyhow::Result;

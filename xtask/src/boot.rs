@@ -1,0 +1,454 @@
+//! `cargo xtask boot`: the main job. Setup, kernel, image; start
+//! fencelab-device on a private socket; boot QEMU; run the workload; read the
+//! kernel's verdict from the console; stop everything; report.
+
+use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
+use crate::qemu::{Accel, GuestSpec};
+use crate::report::{DeviceSummary, GuestResult, KernelInfo, Summary};
+use crate::supervise::{Supervised, was_interrupted};
+use crate::{image, kernel, paths, setup};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BootArgs {
+    /// Guest workload run by fence-hammer.
+    #[arg(long, default_value = "smoke")]
+    pub workload: String,
+    /// Fences the workload submits.
+    #[arg(long, default_value_t = 2000)]
+    pub fences: u32,
+    /// Completion latency of every fence in fencelab-device (e.g. 0, 100us, 2ms).
+    #[arg(long, default_value = "0")]
+    pub latency: String,
+    /// CPU emulation; KVM does not boot on the build VMs (DESIGN.md §3).
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mib: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Give up on the guest after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_secs: u64,
+    /// Extra argument for fence-hammer (repeatable), e.g. --hammer-arg=--inflight=1.
+    #[arg(long = "hammer-arg", allow_hyphen_values = true)]
+    pub hammer_args: Vec<String>,
+    /// Echo the guest console to stderr while it runs.
+    #[arg(long)]
+    pub console: bool,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for BootArgs {
+    fn default() -> Self {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: BootArgs,
+        }
+        Defaults::parse_from(["boot"]).args
+    }
+}
+
+impl BootArgs {
+    /// The one command that repeats this run.
+    fn reproduce(&self) -> String {
+        let mut words = vec![
+            "cargo xtask boot".to_owned(),
+            format!("--workload {}", self.workload),
+            format!("--fences {}", self.fences),
+            format!("--latency {}", self.latency),
+        ];
+        words.extend(self.hammer_args.iter().map(|a| format!("--hammer-arg={a}")));
+        words.join(" ")
+    }
+}
+
+pub fn run(args: &BootArgs) -> Result<()> {
+    let summary = execute(args)?;
+    crate::report::print(&summary, args.json);
+    if !summary.ok {
+        bail!("boot failed: {}", summary.failures.join("; "));
+    }
+    Ok(())
+}
+
+fn step(message: impl AsRef<str>) {
+    eprintln!("boot: {}", message.as_ref());
+}
+
+/// Everything up to the summary; `Err` only when the run could not start.
+pub fn execute(args: &BootArgs) -> Result<Summary> {
+    let started = Instant::now();
+    step("setup");
+    let toolchain = setup::run()?;
+    step("kernel");
+    let kernel = kernel::build(&toolchain, &kernel::KernelArgs::default())?;
+    step("image");
+    let initramfs = image::build(&kernel)?;
+    step("building fencelab-device");
+    let device_bin = build_device()?;
+
+    let run_dir = new_run_dir(&args.workload)?;
+    let socket_dir = SocketDir::create()?;
+    let socket = socket_dir.path().join("gpu.sock");
+    step(format!("run folder {}", run_dir.display()));
+    let prepared_secs = started.elapsed().as_secs_f64();
+
+    let device_log = run_dir.join("device.log");
+    let mut device = start_device(&device_bin, &socket, &args.latency, &device_log)?;
+    wait_for_socket(&socket, &mut device, &device_log)?;
+
+    let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
+    let mut hammer_args = vec![format!("--fences={}", args.fences)];
+    hammer_args.extend(args.hammer_args.iter().cloned());
+    cmdline_extra.push(format!("fencelab.args={}", hammer_args.join(",")));
+    let spec = GuestSpec {
+        kernel: kernel.bzimage.clone(),
+        initramfs,
+        gpu_socket: socket.clone(),
+        memory_mib: args.memory_mib,
+        cpus: args.cpus,
+        accel: args.accel,
+        cmdline_extra,
+    };
+    fs::write(run_dir.join("qemu.cmdline"), shell_words(&spec))?;
+
+    step(format!("booting QEMU ({:?}, {} vCPUs, {} MiB)", args.accel, args.cpus, args.memory_mib));
+    let qemu_log = run_dir.join("qemu.log");
+    let mut command = spec.command();
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?);
+    let boot_started = Instant::now();
+    let mut qemu = Supervised::spawn("QEMU", command).context(
+        "cannot start qemu-system-x86_64: is it installed? `cargo xtask setup` installs it from bookworm-backports",
+    )?;
+    let stdout = qemu.take_stdout().context("QEMU stdout was not captured")?;
+    let console_log = run_dir.join("console.log");
+    let tracker = ConsoleTracker::start(stdout, &console_log, boot_started, args.console)?;
+
+    let mut failures = Vec::new();
+    supervise(args, &mut qemu, &mut device, &device_log, &tracker, &mut failures)?;
+    let qemu_status = qemu.stop(Duration::from_secs(5))?;
+    let device_status = match device.wait_for(Duration::from_secs(10))? {
+        Some(status) => status,
+        None => {
+            failures.push("fencelab-device did not exit after QEMU disconnected".into());
+            device.stop(Duration::from_secs(3))?
+        }
+    };
+    let marks = tracker.finish();
+    let console_text = fs::read_to_string(&console_log).unwrap_or_default();
+    let report = console::parse(&console_text);
+    let device_summary = DeviceSummary::from_log(&device_log);
+
+    let guest = judge_guest(args, &report, &mut failures);
+    judge_device(&device_summary, guest.as_ref(), device_status.success(), &mut failures);
+
+    Ok(Summary::new(
+        args,
+        KernelInfo::from(&kernel),
+        report,
+        guest,
+        device_summary,
+        marks.result_after.map(|d| d.as_millis() as u64),
+        prepared_secs,
+        qemu_status.code(),
+        run_dir,
+        args.reproduce(),
+        failures,
+    ))
+}
+
+/// Watches QEMU and the device until the guest powers off, something dies,
+/// time runs out or the user interrupts.
+fn supervise(
+    args: &BootArgs,
+    qemu: &mut Supervised,
+    device: &mut Supervised,
+    device_log: &Path,
+    tracker: &ConsoleTracker,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    let started = Instant::now();
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut next_progress = Duration::from_secs(15);
+    loop {
+        if was_interrupted() {
+            failures.push("interrupted by the user".into());
+            return Ok(());
+        }
+        if qemu.try_status()?.is_some() {
+            return Ok(());
+        }
+        if let Some(status) = device.try_status()? {
+            // After the workload the guest powers off and the device exits on
+            // disconnect; that order can race with our poll of QEMU.
+            if tracker.marks().workload_ended {
+                if qemu.wait_for(Duration::from_secs(5))?.is_some() {
+                    return Ok(());
+                }
+            }
+            failures.push(format!(
+                "fencelab-device exited mid-run ({status}); QEMU was stopped. Last lines of {}:\n{}",
+                device_log.display(),
+                tail(device_log, 15)
+            ));
+            return Ok(());
+        }
+        let elapsed = started.elapsed();
+        if elapsed > timeout {
+            failures.push(format!("the guest did not finish within {} s (--timeout-secs)", args.timeout_secs));
+            return Ok(());
+        }
+        if elapsed >= next_progress {
+            let marks = tracker.marks();
+            let stage = if marks.workload_ended {
+                "powering off"
+            } else if marks.workload_started.is_some() {
+                "workload running"
+            } else {
+                "booting"
+            };
+            step(format!("guest {stage}, {} s, {} console lines", elapsed.as_secs(), marks.lines));
+            next_progress += Duration::from_secs(15);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads the guest result and checks what issue 2's contract requires.
+fn judge_guest(args: &BootArgs, report: &ConsoleReport, failures: &mut Vec<String>) -> Option<GuestResult> {
+    failures.extend(report.init_errors.iter().map(|e| format!("guest init: {e}")));
+    for splat in &report.splats {
+        failures.push(format!("kernel splat: {}", splat.summary()));
+    }
+    for key in ["CONFIG_RUST", "CONFIG_KASAN", "CONFIG_PROVE_LOCKING"] {
+        match report.guest_config.get(key).map(String::as_str) {
+            Some("y") => {}
+            other => failures.push(format!("guest /proc/config.gz: {key}={}", other.unwrap_or("<missing>"))),
+        }
+    }
+    let Some(json) = report.result_json.as_deref() else {
+        failures.push(format!(
+            "the guest printed no {} line (workload started: {})",
+            RESULT_MARKER.trim(),
+            report.workload_started
+        ));
+        return None;
+    };
+    let guest: GuestResult = match serde_json::from_str(json) {
+        Ok(guest) => guest,
+        Err(error) => {
+            failures.push(format!("unreadable {}line: {error}: {json}", RESULT_MARKER));
+            return None;
+        }
+    };
+    if !guest.ok {
+        failures.push(format!(
+            "workload {} reported failure: {}",
+            guest.workload,
+            guest.first_error.as_deref().unwrap_or("no error given")
+        ));
+    }
+    if guest.fences_submitted != u64::from(args.fences) {
+        failures.push(format!("fence-hammer submitted {} fences, {} requested", guest.fences_submitted, args.fences));
+    }
+    if guest.fences_signaled != guest.fences_submitted || guest.fence_errors != 0 {
+        failures.push(format!(
+            "fences: {} submitted, {} signaled, {} errors",
+            guest.fences_submitted, guest.fences_signaled, guest.fence_errors
+        ));
+    }
+    match report.workload_exit {
+        Some(0) => {}
+        Some(rc) => failures.push(format!("fence-hammer exited with {rc}")),
+        None => failures.push(format!("the guest printed no {WORKLOAD_END_MARKER} line")),
+    }
+    Some(guest)
+}
+
+/// Cross-checks the device's own accounting against the guest's counts.
+fn judge_device(device: &Option<DeviceSummary>, guest: Option<&GuestResult>, exited_ok: bool, failures: &mut Vec<String>) {
+    let Some(device) = device else {
+        failures.push("fencelab-device printed no summary line".into());
+        return;
+    };
+    if !exited_ok {
+        failures.push("fencelab-device exited with an error".into());
+    }
+    if let Some(guest) = guest {
+        // The upstream driver also fences its own commands (display updates),
+        // so the device may complete more fences than the workload submitted.
+        if device.fences_completed < guest.fences_signaled {
+            failures.push(format!(
+                "accounting: the guest saw {} fences signaled but the device completed only {}",
+                guest.fences_signaled, device.fences_completed
+            ));
+        }
+    }
+}
+
+fn build_device() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--package", "fencelab-device"])
+        .current_dir(paths::workspace_root())
+        .stdout(Stdio::null())
+        .status()
+        .context("running cargo build for fencelab-device")?;
+    if !status.success() {
+        bail!("cargo build --release --package fencelab-device failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::workspace_root().join("target"));
+    Ok(target.join("release").join("fencelab-device"))
+}
+
+fn new_run_dir(workload: &str) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let dir = paths::runs_dir().join(format!("{stamp}-{workload}-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A private, short socket folder (unix socket paths are limited to 108
+/// bytes, and a clone may live deep in the file system), removed on drop.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn create() -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("fencelab-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating socket folder {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_device(binary: &Path, socket: &Path, latency: &str, log: &Path) -> Result<Supervised> {
+    step(format!("starting fencelab-device (latency {latency}), log {}", log.display()));
+    let mut command = Command::new(binary);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .arg("--latency")
+        .arg(latency)
+        .env("RUST_LOG", std::env::var("FENCELAB_DEVICE_LOG").unwrap_or_else(|_| "info,fencelab_device=debug".into()))
+        .stdin(Stdio::null())
+        .stdout(File::create(log).with_context(|| format!("creating {}", log.display()))?)
+        .stderr(File::options().append(true).open(log)?);
+    Supervised::spawn("fencelab-device", command)
+}
+
+fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if socket.exists() {
+            return Ok(());
+        }
+        if let Some(status) = device.try_status()? {
+            bail!("fencelab-device exited before listening ({status}):\n{}", tail(log, 15));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("fencelab-device did not create {} within 10 s:\n{}", socket.display(), tail(log, 15))
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn shell_words(spec: &GuestSpec) -> String {
+    let mut words = vec![crate::qemu::QEMU.to_owned()];
+    words.extend(spec.args().into_iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }));
+    words.join(" ") + "\n"
+}
+
+/// What the console reader has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct Marks {
+    pub lines: usize,
+    pub workload_started: Option<Duration>,
+    pub result_after: Option<Duration>,
+    pub workload_ended: bool,
+}
+
+/// Copies the serial console to a file, line by line, noting when the
+/// workload starts and when its result arrives (host clock, from QEMU start).
+struct ConsoleTracker {
+    marks: Arc<Mutex<Marks>>,
+    reader: JoinHandle<()>,
+}
+
+impl ConsoleTracker {
+    fn start(stdout: std::process::ChildStdout, log: &Path, since: Instant, echo: bool) -> Result<Self> {
+        let mut file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let marks = Arc::new(Mutex::new(Marks::default()));
+        let shared = marks.clone();
+        let reader = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf);
+                let _ = file.write_all(line.as_bytes());
+                if echo {
+                    eprint!("console: {line}");
+                }
+                let mut marks = shared.lock().unwrap_or_else(|p| p.into_inner());
+                marks.lines += 1;
+                if line.contains(WORKLOAD_START_MARKER) {
+                    marks.workload_started = Some(since.elapsed());
+                    step("guest workload started");
+                } else if line.contains(RESULT_MARKER) {
+                    marks.result_after = Some(since.elapsed());
+                } else if line.contains(WORKLOAD_END_MARKER) {
+                    marks.workload_ended = true;
+                }
+                buf.clear();
+            }
+            let _ = file.flush();
+        });
+        Ok(Self { marks, reader })
+    }
+
+    fn marks(&self) -> Marks {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn finish(self) -> Marks {
+        let _ = self.reader.join();
+        self.marks()
+    }
+}
