@@ -198,10 +198,8 @@ fn supervise(
         if let Some(status) = device.try_status()? {
             // After the workload the guest powers off and the device exits on
             // disconnect; that order can race with our poll of QEMU.
-            if tracker.marks().workload_ended {
-                if qemu.wait_for(Duration::from_secs(5))?.is_some() {
-                    return Ok(());
-                }
+            if tracker.marks().workload_ended && qemu.wait_for(Duration::from_secs(5))?.is_some() {
+                return Ok(());
             }
             failures.push(format!(
                 "fencelab-device exited mid-run ({status}); QEMU was stopped. Last lines of {}:\n{}",
@@ -449,6 +447,6 @@ impl ConsoleTracker {
 
     fn finish(self) -> Marks {
         let _ = self.reader.join();
-        self.marks()
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
