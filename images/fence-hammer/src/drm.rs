@@ -1,0 +1,276 @@
+//! Safe wrappers around the DRM ioctls fence-hammer needs: open a render
+//! node, read its driver version, submit a fenced virtio-gpu EXECBUFFER.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::uapi;
+
+/// The DRM driver name the workloads are written for.
+pub const VIRTIO_GPU: &str = "virtio_gpu";
+
+/// Longest string accepted from `DRM_IOCTL_VERSION` (the kernel's are a few
+/// dozen bytes; this only bounds an allocation).
+const MAX_VERSION_STRING: usize = 4096;
+
+/// What `DRM_IOCTL_VERSION` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub major: i32,
+    pub minor: i32,
+    pub patchlevel: i32,
+    pub name: String,
+    pub date: String,
+    pub desc: String,
+}
+
+/// `DRM_IOCTL_VERSION` on `fd`: once for the lengths, once for the strings.
+pub fn version(fd: BorrowedFd<'_>) -> io::Result<Version> {
+    let mut v = uapi::DrmVersion::zeroed();
+    // SAFETY: DRM_IOCTL_VERSION takes a `struct drm_version *`; all its
+    // pointers are null with zero lengths, so the kernel writes no strings.
+    unsafe { uapi::ioctl(fd, uapi::DRM_IOCTL_VERSION, &mut v)? };
+
+    let cap = |len: usize| len.min(MAX_VERSION_STRING);
+    let mut name = vec![0u8; cap(v.name_len)];
+    let mut date = vec![0u8; cap(v.date_len)];
+    let mut desc = vec![0u8; cap(v.desc_len)];
+    let mut v2 = uapi::DrmVersion {
+        name_len: name.len(),
+        name: name.as_mut_ptr().cast(),
+        date_len: date.len(),
+        date: date.as_mut_ptr().cast(),
+        desc_len: desc.len(),
+        desc: desc.as_mut_ptr().cast(),
+        ..uapi::DrmVersion::zeroed()
+    };
+    // SAFETY: each pointer refers to a live, exclusively borrowed buffer of
+    // exactly the length stored next to it; the kernel writes at most that
+    // many bytes into each.
+    unsafe { uapi::ioctl(fd, uapi::DRM_IOCTL_VERSION, &mut v2)? };
+
+    // The kernel reports the full length even when it truncated the copy.
+    let text = |mut buf: Vec<u8>, len: usize| {
+        buf.truncate(len.min(buf.len()));
+        uapi::c_field_to_string(&buf)
+    };
+    Ok(Version {
+        major: v2.version_major,
+        minor: v2.version_minor,
+        patchlevel: v2.version_patchlevel,
+        name: text(name, v2.name_len),
+        date: text(date, v2.date_len),
+        desc: text(desc, v2.desc_len),
+    })
+}
+
+/// An open DRM render node and the driver behind it.
+#[derive(Debug)]
+pub struct RenderNode {
+    file: File,
+    path: PathBuf,
+    version: Version,
+}
+
+impl RenderNode {
+    /// Opens `path` read-write and asks the driver for its version. Any
+    /// driver is accepted here; see [`RenderNode::require_driver`].
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let version = version(file.as_fd()).with_context(|| {
+            format!(
+                "DRM_IOCTL_VERSION on {} failed (not a DRM device?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            version,
+        })
+    }
+
+    /// Refuses a node whose driver is not `driver`: the driver-private ioctl
+    /// numbers mean different things to different drivers.
+    pub fn require_driver(self, driver: &str) -> anyhow::Result<Self> {
+        if self.version.name != driver {
+            bail!(
+                "{} is driven by {:?}, not {:?}",
+                self.path.display(),
+                self.version.name,
+                driver
+            );
+        }
+        Ok(self)
+    }
+
+    /// The first `renderD<N>` in `dir` (lowest N) whose driver is
+    /// `virtio_gpu`. The error names every node looked at and what it was.
+    pub fn find_virtio_gpu(dir: &Path) -> anyhow::Result<Self> {
+        let entries = std::fs::read_dir(dir).with_context(|| {
+            format!(
+                "no virtio_gpu render node: cannot list {} (is devtmpfs mounted and virtio_gpu loaded?)",
+                dir.display()
+            )
+        })?;
+        let mut nodes: Vec<(u32, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name();
+                let minor = name
+                    .to_str()?
+                    .strip_prefix("renderD")?
+                    .parse::<u32>()
+                    .ok()?;
+                Some((minor, e.path()))
+            })
+            .collect();
+        nodes.sort();
+        if nodes.is_empty() {
+            bail!(
+                "no virtio_gpu render node: {} has no renderD* entries",
+                dir.display()
+            );
+        }
+        let mut seen = Vec::new();
+        for (_, path) in nodes {
+            match Self::open(&path) {
+                Ok(node) if node.version.name == VIRTIO_GPU => return Ok(node),
+                Ok(node) => seen.push(format!(
+                    "{}: driver {:?}",
+                    path.display(),
+                    node.version.name
+                )),
+                Err(e) => seen.push(format!("{e:#}")),
+            }
+        }
+        bail!(
+            "no render node in {} is driven by {VIRTIO_GPU}: {}",
+            dir.display(),
+            seen.join("; ")
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+
+    /// `DRM_IOCTL_VIRTGPU_EXECBUFFER` with `VIRTGPU_EXECBUF_FENCE_FD_OUT`
+    /// (and `FENCE_FD_IN` when `in_fence` is given): submits `command` to the
+    /// host and returns the out-fence as a sync_file fd.
+    pub fn execbuffer(
+        &self,
+        command: &[u8],
+        in_fence: Option<BorrowedFd<'_>>,
+    ) -> io::Result<OwnedFd> {
+        let size = u32::try_from(command.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "command buffer larger than 4 GiB",
+            )
+        })?;
+        let mut flags = uapi::VIRTGPU_EXECBUF_FENCE_FD_OUT;
+        let mut fence_fd = -1;
+        if let Some(fd) = in_fence {
+            flags |= uapi::VIRTGPU_EXECBUF_FENCE_FD_IN;
+            fence_fd = fd.as_raw_fd();
+        }
+        let mut eb = uapi::DrmVirtgpuExecbuffer {
+            flags,
+            size,
+            command: command.as_ptr() as u64,
+            fence_fd,
+            ..Default::default()
+        };
+        // SAFETY: DRM_IOCTL_VIRTGPU_EXECBUFFER takes a `struct
+        // drm_virtgpu_execbuffer *`; `command` points at `size` readable
+        // bytes that outlive the call; no BOs and no syncobjs are passed.
+        unsafe {
+            uapi::ioctl(
+                self.file.as_fd(),
+                uapi::DRM_IOCTL_VIRTGPU_EXECBUFFER,
+                &mut eb,
+            )?
+        };
+        if eb.fence_fd < 0 {
+            return Err(io::Error::other(format!(
+                "EXECBUFFER with FENCE_FD_OUT succeeded but returned fence_fd {}",
+                eb.fence_fd
+            )));
+        }
+        // SAFETY: on success with FENCE_FD_OUT the kernel installed a new
+        // sync_file fd in our table and handed ownership of it to us.
+        Ok(unsafe { OwnedFd::from_raw_fd(eb.fence_fd) })
+    }
+}
+
+impl AsFd for RenderNode {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fence-hammer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn missing_dir_is_a_precise_error() {
+        let dir = scratch_dir("missing").join("dri");
+        let err = format!("{:#}", RenderNode::find_virtio_gpu(&dir).unwrap_err());
+        assert!(err.contains("cannot list"), "{err}");
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn dir_without_render_nodes_is_a_precise_error() {
+        let dir = scratch_dir("empty");
+        std::fs::write(dir.join("card0"), b"").unwrap();
+        let err = format!("{:#}", RenderNode::find_virtio_gpu(&dir).unwrap_err());
+        assert!(err.contains("has no renderD* entries"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn non_drm_nodes_are_listed_in_order_in_the_error() {
+        let dir = scratch_dir("fake");
+        // Regular files: open works, DRM_IOCTL_VERSION fails with ENOTTY.
+        std::fs::write(dir.join("renderD129"), b"").unwrap();
+        std::fs::write(dir.join("renderD128"), b"").unwrap();
+        let err = format!("{:#}", RenderNode::find_virtio_gpu(&dir).unwrap_err());
+        assert!(err.contains("is driven by virtio_gpu"), "{err}");
+        let a = err.find("renderD128").expect("renderD128 listed");
+        let b = err.find("renderD129").expect("renderD129 listed");
+        assert!(a < b, "nodes must be tried in minor order: {err}");
+        assert!(err.contains("not a DRM device"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn version_on_a_non_drm_fd_fails_cleanly() {
+        let f = File::open("/dev/null").unwrap();
+        let err = version(f.as_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+    }
+}

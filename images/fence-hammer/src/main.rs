@@ -1,0 +1,219 @@
+//! fence-hammer: the fencelab guest workload.
+//!
+//! Runs inside the test guest against the upstream `virtio_gpu` DRM driver:
+//! submits fenced EXECBUFFERs carrying fencelab command streams, waits on the
+//! out-fence sync_files and checks fence invariants. Progress goes to stderr;
+//! stdout gets exactly one line, `FENCELAB_RESULT {json}` (see
+//! [`report::ResultLine`]), whatever happens.
+//!
+//! Exit status: 0 all invariants held, 1 a run finished but some did not,
+//! 2 usage or setup error (no run).
+
+mod drm;
+mod order;
+mod report;
+mod sync_file;
+mod uapi;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+use crate::drm::RenderNode;
+use crate::report::ResultLine;
+use crate::workloads::{Context, Params};
+
+const EXIT_NOT_OK: u8 = 1;
+const EXIT_SETUP: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fence-hammer",
+    version,
+    about = "fencelab guest workload: hammer virtio_gpu fences and check invariants"
+)]
+struct Cli {
+    /// DRM render node [default: the first /dev/dri/renderD* driven by virtio_gpu]
+    #[arg(long, value_name = "PATH")]
+    device: Option<PathBuf>,
+
+    /// Workload to run (an unknown name lists the known ones)
+    #[arg(long, value_name = "NAME", default_value = "smoke")]
+    workload: String,
+
+    /// Fences to submit
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    fences: u64,
+
+    /// Most out-fences outstanding at once
+    #[arg(long, value_name = "K", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=512))]
+    inflight: u64,
+
+    /// Simulated GPU time per submission (fencelab WORK op), in ns
+    #[arg(long, value_name = "NS", default_value_t = 0)]
+    work_ns: u64,
+
+    /// How long one fence may stay unsignaled, in ms
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+}
+
+fn emit(line: &ResultLine) {
+    println!("{}", line.to_line());
+}
+
+fn setup_error(
+    workload: Option<&str>,
+    device: Option<&Path>,
+    driver: Option<&str>,
+    err: String,
+) -> ExitCode {
+    eprintln!("fence-hammer: {err}");
+    let device = device.map(|d| d.display().to_string());
+    emit(&ResultLine::setup_error(
+        workload,
+        device.as_deref(),
+        driver,
+        err,
+    ));
+    ExitCode::from(EXIT_SETUP)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("").trim();
+            let msg = format!("usage: {}", first.strip_prefix("error: ").unwrap_or(first));
+            emit(&ResultLine::setup_error(None, None, None, msg));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+
+    let workload = match workloads::find(&cli.workload) {
+        Ok(w) => w,
+        Err(e) => {
+            return setup_error(
+                Some(&cli.workload),
+                cli.device.as_deref(),
+                None,
+                format!("usage: {e:#}"),
+            );
+        }
+    };
+
+    let node = match &cli.device {
+        Some(path) => RenderNode::open(path).and_then(|n| n.require_driver(drm::VIRTIO_GPU)),
+        None => RenderNode::find_virtio_gpu(Path::new("/dev/dri")),
+    };
+    let mut node = match node {
+        Ok(node) => node,
+        Err(e) => {
+            return setup_error(
+                Some(workload.name),
+                cli.device.as_deref(),
+                None,
+                format!("{e:#}"),
+            );
+        }
+    };
+
+    let device = node.path().display().to_string();
+    let driver = node.version().name.clone();
+    let v = node.version();
+    eprintln!(
+        "fence-hammer: {device}: {} {}.{}.{} ({}); workload {}: {} fences, {} in flight, WORK {} ns, timeout {} ms",
+        v.name,
+        v.major,
+        v.minor,
+        v.patchlevel,
+        v.desc,
+        workload.name,
+        cli.fences,
+        cli.inflight,
+        cli.work_ns,
+        cli.timeout_ms
+    );
+
+    let params = Params {
+        fences: cli.fences,
+        inflight: cli.inflight as usize,
+        work_ns: cli.work_ns,
+        timeout: Duration::from_millis(cli.timeout_ms),
+    };
+    let mut ctx = Context {
+        source: &mut node,
+        params,
+        label: workload.name,
+    };
+    let outcome = (workload.run)(&mut ctx);
+
+    let line = ResultLine::from_outcome(workload.name, &device, &driver, &outcome);
+    emit(&line);
+    if line.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_OK)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cli = Cli::try_parse_from(["fence-hammer"]).unwrap();
+        assert_eq!(cli.device, None);
+        assert_eq!(cli.workload, "smoke");
+        assert_eq!(
+            (cli.fences, cli.inflight, cli.work_ns, cli.timeout_ms),
+            (2000, 8, 0, 10_000)
+        );
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "fence-hammer",
+            "--device",
+            "/dev/dri/renderD129",
+            "--workload",
+            "smoke",
+            "--fences",
+            "10",
+            "--inflight",
+            "2",
+            "--work-ns",
+            "1000",
+            "--timeout-ms",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.device.as_deref(),
+            Some(Path::new("/dev/dri/renderD129"))
+        );
+        assert_eq!(
+            (cli.fences, cli.inflight, cli.work_ns, cli.timeout_ms),
+            (10, 2, 1000, 50)
+        );
+    }
+
+    #[test]
+    fn zero_inflight_and_zero_fences_are_refused() {
+        assert!(Cli::try_parse_from(["fence-hammer", "--inflight", "0"]).is_err());
+        assert!(Cli::try_parse_from(["fence-hammer", "--fences", "0"]).is_err());
+        assert!(Cli::try_parse_from(["fence-hammer", "--bogus"]).is_err());
+    }
+}

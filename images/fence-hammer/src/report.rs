@@ -1,0 +1,361 @@
+//! What a workload counted, and the one `FENCELAB_RESULT {json}` line the
+//! host reads from the guest console.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Prefix of the result line on stdout.
+pub const RESULT_PREFIX: &str = "FENCELAB_RESULT ";
+
+/// Counters of one workload run.
+///
+/// Every submission attempt ends in exactly one of signaled, errored or
+/// timed out, so at the end `submitted == signaled + errors + timeouts`.
+/// `out_of_order` counts fences that signaled before an older one; they are
+/// also counted in one of the three.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub submitted: u64,
+    pub signaled: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub out_of_order: u64,
+}
+
+impl Counts {
+    /// The run held every invariant.
+    pub fn ok(&self) -> bool {
+        self.submitted == self.signaled
+            && self.errors == 0
+            && self.timeouts == 0
+            && self.out_of_order == 0
+    }
+}
+
+/// The result of one workload run.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub counts: Counts,
+    /// Round trip (submit to poll returning ready) of each completed fence, in ns.
+    pub rtt_ns: Vec<u64>,
+    pub first_error: Option<String>,
+    /// The timeline name from SYNC_IOC_FILE_INFO of the first fence read.
+    pub timeline_name: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Keeps the first error message; later ones go to stderr only.
+    pub fn note_error(&mut self, msg: String) {
+        eprintln!("fence-hammer: error: {msg}");
+        if self.first_error.is_none() {
+            self.first_error = Some(msg);
+        }
+    }
+}
+
+/// Nearest-rank percentile (`q` in 0..=1) of an ascending slice.
+pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Round-trip percentiles in microseconds; null when nothing completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RttUs {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl RttUs {
+    pub fn from_ns(samples: &[u64]) -> Self {
+        let mut us: Vec<u64> = samples.iter().map(|ns| ns / 1_000).collect();
+        us.sort_unstable();
+        Self {
+            p50: percentile(&us, 0.50),
+            p99: percentile(&us, 0.99),
+            max: us.last().copied(),
+        }
+    }
+}
+
+/// The JSON object of the result line. Field order is the key order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResultLine {
+    pub workload: Option<String>,
+    pub device: Option<String>,
+    pub driver: Option<String>,
+    pub fences_submitted: u64,
+    pub fences_signaled: u64,
+    pub fence_errors: u64,
+    pub fence_timeouts: u64,
+    pub out_of_order: u64,
+    pub elapsed_ms: f64,
+    pub fences_per_s: f64,
+    pub rtt_us: RttUs,
+    pub first_error: Option<String>,
+    pub timeline_name: Option<String>,
+    pub ok: bool,
+}
+
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let k = 10f64.powi(decimals);
+    (x * k).round() / k
+}
+
+impl ResultLine {
+    pub fn from_outcome(workload: &str, device: &str, driver: &str, o: &Outcome) -> Self {
+        let secs = o.elapsed.as_secs_f64();
+        let per_s = if secs > 0.0 {
+            o.counts.signaled as f64 / secs
+        } else {
+            0.0
+        };
+        Self {
+            workload: Some(workload.to_string()),
+            device: Some(device.to_string()),
+            driver: Some(driver.to_string()),
+            fences_submitted: o.counts.submitted,
+            fences_signaled: o.counts.signaled,
+            fence_errors: o.counts.errors,
+            fence_timeouts: o.counts.timeouts,
+            out_of_order: o.counts.out_of_order,
+            elapsed_ms: round_to(secs * 1e3, 3),
+            fences_per_s: round_to(per_s, 1),
+            rtt_us: RttUs::from_ns(&o.rtt_ns),
+            first_error: o.first_error.clone(),
+            timeline_name: o.timeline_name.clone(),
+            ok: o.counts.ok(),
+        }
+    }
+
+    /// The line for a run that never started (bad usage, no device).
+    pub fn setup_error(
+        workload: Option<&str>,
+        device: Option<&str>,
+        driver: Option<&str>,
+        error: String,
+    ) -> Self {
+        Self {
+            workload: workload.map(str::to_string),
+            device: device.map(str::to_string),
+            driver: driver.map(str::to_string),
+            fences_submitted: 0,
+            fences_signaled: 0,
+            fence_errors: 0,
+            fence_timeouts: 0,
+            out_of_order: 0,
+            elapsed_ms: 0.0,
+            fences_per_s: 0.0,
+            rtt_us: RttUs {
+                p50: None,
+                p99: None,
+                max: None,
+            },
+            first_error: Some(error),
+            timeline_name: None,
+            ok: false,
+        }
+    }
+
+    /// `FENCELAB_RESULT {json}`, one line (serde_json escapes newlines).
+    pub fn to_line(&self) -> String {
+        let json = serde_json::to_string(self).expect("ResultLine always serializes");
+        format!("{RESULT_PREFIX}{json}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.50), Some(50));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&v, 1.0), Some(100));
+        assert_eq!(percentile(&v, 0.0), Some(1));
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[1, 2, 3], 0.5), Some(2));
+        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), Some(2));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn rtt_is_sorted_and_in_microseconds() {
+        // Unsorted nanoseconds: 3 ms, 1 ms, 2 ms, 100 ms.
+        let r = RttUs::from_ns(&[3_000_000, 1_000_000, 2_000_999, 100_000_000]);
+        assert_eq!(
+            r,
+            RttUs {
+                p50: Some(2_000),
+                p99: Some(100_000),
+                max: Some(100_000)
+            }
+        );
+        assert_eq!(
+            RttUs::from_ns(&[]),
+            RttUs {
+                p50: None,
+                p99: None,
+                max: None
+            }
+        );
+    }
+
+    #[test]
+    fn ok_needs_every_fence_signaled_and_no_violation() {
+        let good = Counts {
+            submitted: 5,
+            signaled: 5,
+            ..Default::default()
+        };
+        assert!(good.ok());
+        assert!(
+            !Counts {
+                signaled: 4,
+                errors: 1,
+                ..good
+            }
+            .ok()
+        );
+        assert!(
+            !Counts {
+                signaled: 4,
+                timeouts: 1,
+                ..good
+            }
+            .ok()
+        );
+        assert!(
+            !Counts {
+                out_of_order: 1,
+                ..good
+            }
+            .ok()
+        );
+        assert!(
+            !Counts {
+                signaled: 4,
+                ..good
+            }
+            .ok()
+        );
+    }
+
+    fn parse(line: &str) -> serde_json::Map<String, Value> {
+        assert!(!line.contains('\n'));
+        let json = line.strip_prefix(RESULT_PREFIX).expect("prefix");
+        match serde_json::from_str::<Value>(json).unwrap() {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    const KEYS: [&str; 14] = [
+        "workload",
+        "device",
+        "driver",
+        "fences_submitted",
+        "fences_signaled",
+        "fence_errors",
+        "fence_timeouts",
+        "out_of_order",
+        "elapsed_ms",
+        "fences_per_s",
+        "rtt_us",
+        "first_error",
+        "timeline_name",
+        "ok",
+    ];
+
+    #[test]
+    fn result_line_shape() {
+        let o = Outcome {
+            counts: Counts {
+                submitted: 4,
+                signaled: 4,
+                ..Default::default()
+            },
+            rtt_ns: vec![1_000_000, 2_000_000, 3_000_000, 4_000_000],
+            first_error: None,
+            timeline_name: Some("signaled-timeline".into()),
+            elapsed: Duration::from_millis(2),
+        };
+        let line =
+            ResultLine::from_outcome("smoke", "/dev/dri/renderD128", "virtio_gpu", &o).to_line();
+        let m = parse(&line);
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        let mut want = KEYS.to_vec();
+        want.sort();
+        assert_eq!(keys, want, "serde_json's map is sorted");
+        // Key order in the text is the documented order.
+        let positions: Vec<usize> = KEYS
+            .iter()
+            .map(|k| line.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{line}");
+
+        assert_eq!(m["workload"], "smoke");
+        assert_eq!(m["device"], "/dev/dri/renderD128");
+        assert_eq!(m["driver"], "virtio_gpu");
+        assert_eq!(m["fences_submitted"], 4);
+        assert_eq!(m["fences_signaled"], 4);
+        assert_eq!(m["elapsed_ms"], 2.0);
+        assert_eq!(m["fences_per_s"], 2000.0);
+        assert_eq!(m["rtt_us"]["p50"], 2000);
+        assert_eq!(m["rtt_us"]["p99"], 4000);
+        assert_eq!(m["rtt_us"]["max"], 4000);
+        assert_eq!(m["first_error"], Value::Null);
+        assert_eq!(m["timeline_name"], "signaled-timeline");
+        assert_eq!(m["ok"], true);
+    }
+
+    #[test]
+    fn failed_run_line_is_not_ok() {
+        let mut o = Outcome {
+            counts: Counts {
+                submitted: 3,
+                signaled: 2,
+                timeouts: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        o.note_error("fence #2: not signaled after 10000 ms".into());
+        o.note_error("later error".into());
+        let m = parse(&ResultLine::from_outcome("smoke", "/d", "virtio_gpu", &o).to_line());
+        assert_eq!(m["ok"], false);
+        assert_eq!(m["fence_timeouts"], 1);
+        assert_eq!(m["first_error"], "fence #2: not signaled after 10000 ms");
+        assert_eq!(
+            m["fences_per_s"], 0.0,
+            "zero elapsed must not divide by zero"
+        );
+        assert_eq!(m["rtt_us"]["p50"], Value::Null);
+    }
+
+    #[test]
+    fn setup_error_line_has_every_key() {
+        let line = ResultLine::setup_error(
+            Some("smoke"),
+            None,
+            None,
+            "no virtio_gpu render node:\n/dev/dri has no renderD* entries".into(),
+        )
+        .to_line();
+        let m = parse(&line);
+        assert_eq!(m.len(), KEYS.len());
+        assert_eq!(m["ok"], false);
+        assert_eq!(m["device"], Value::Null);
+        assert_eq!(m["fences_submitted"], 0);
+        assert!(m["first_error"].as_str().unwrap().contains("renderD*"));
+    }
+}
