@@ -37,18 +37,32 @@ impl Counts {
 #[derive(Debug, Default, Clone)]
 pub struct Outcome {
     pub counts: Counts,
-    /// Round trip (submit to poll returning ready) of each completed fence, in ns.
+    /// Round trip (submit to poll returning ready) of each fence that
+    /// signaled without error, in ns.
     pub rtt_ns: Vec<u64>,
     pub first_error: Option<String>,
     /// The timeline name from SYNC_IOC_FILE_INFO of the first fence read.
     pub timeline_name: Option<String>,
     pub elapsed: Duration,
+    /// Error messages written to stderr so far.
+    pub errors_logged: u64,
 }
 
+/// Error messages beyond this many are counted but not printed (a device
+/// refusing every EXECBUFFER would otherwise flood a slow serial console).
+pub const MAX_ERRORS_LOGGED: u64 = 20;
+
 impl Outcome {
-    /// Keeps the first error message; later ones go to stderr only.
+    /// Keeps the first error message and logs the first
+    /// [`MAX_ERRORS_LOGGED`] to stderr.
     pub fn note_error(&mut self, msg: String) {
-        eprintln!("fence-hammer: error: {msg}");
+        self.errors_logged += 1;
+        if self.errors_logged <= MAX_ERRORS_LOGGED {
+            eprintln!("fence-hammer: error: {msg}");
+        }
+        if self.errors_logged == MAX_ERRORS_LOGGED {
+            eprintln!("fence-hammer: further errors are counted but not printed");
+        }
         if self.first_error.is_none() {
             self.first_error = Some(msg);
         }
@@ -288,6 +302,7 @@ mod tests {
             first_error: None,
             timeline_name: Some("signaled-timeline".into()),
             elapsed: Duration::from_millis(2),
+            errors_logged: 0,
         };
         let line =
             ResultLine::from_outcome("smoke", "/dev/dri/renderD128", "virtio_gpu", &o).to_line();
@@ -330,7 +345,10 @@ mod tests {
             ..Default::default()
         };
         o.note_error("fence #2: not signaled after 10000 ms".into());
-        o.note_error("later error".into());
+        for i in 0..MAX_ERRORS_LOGGED + 5 {
+            o.note_error(format!("later error {i}"));
+        }
+        assert_eq!(o.errors_logged, MAX_ERRORS_LOGGED + 6);
         let m = parse(&ResultLine::from_outcome("smoke", "/d", "virtio_gpu", &o).to_line());
         assert_eq!(m["ok"], false);
         assert_eq!(m["fence_timeouts"], 1);
