@@ -1,0 +1,1100 @@
+//! Device state and command semantics: the resource and context tables, the
+//! one display, and what each [`Command`] does to them.
+//!
+//! Nothing here touches guest memory or vrings. The only outside fact a
+//! command needs is whether a guest-physical range exists (for
+//! `RESOURCE_ATTACH_BACKING`), asked through [`GuestRanges`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use thiserror::Error;
+use tracing::debug;
+use vm_memory::ByteValued;
+
+use crate::decode::Command;
+use crate::protocol::*;
+
+/// The one scanout's mode, reported by `GET_DISPLAY_INFO` and the EDID.
+pub const DISPLAY_WIDTH: u32 = 1024;
+pub const DISPLAY_HEIGHT: u32 = 768;
+/// Scanouts this device drives (QEMU owns `num_scanouts` in config space;
+/// the guest may ask about more, which are reported disabled).
+pub const NUM_SCANOUTS: u32 = 1;
+/// Capsets advertised in config space. None: no renderer behind the device.
+pub const NUM_CAPSETS: u32 = 0;
+/// Bytes per pixel of every 2D format.
+const BPP: u64 = 4;
+
+/// Whether guest-physical ranges exist in guest memory.
+pub trait GuestRanges {
+    /// True when `[addr, addr + len)` lies entirely in guest RAM.
+    fn contains(&self, addr: u64, len: u64) -> bool;
+}
+
+/// What went wrong executing a well-formed command.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum GpuError {
+    #[error("no resource {0}")]
+    NoSuchResource(u32),
+    #[error("resource {0} already exists")]
+    ResourceExists(u32),
+    #[error("no context {0}")]
+    NoSuchContext(u32),
+    #[error("context {0} already exists (or id 0)")]
+    ContextExists(u32),
+    #[error("scanout {0} does not exist")]
+    NoSuchScanout(u32),
+    #[error("capset index {index} out of range ({NUM_CAPSETS} capsets)")]
+    NoSuchCapset { index: u32 },
+    #[error("capset id {id} version {version} unknown")]
+    UnknownCapset { id: u32, version: u32 },
+    #[error("unknown 2D format {0}")]
+    BadFormat(u32),
+    #[error("zero-sized resource {width}x{height}")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("rect {r:?} exceeds resource {resource_id} ({width}x{height})")]
+    RectOutOfBounds {
+        resource_id: u32,
+        r: Rect,
+        width: u32,
+        height: u32,
+    },
+    #[error("resource {0} already has backing")]
+    AlreadyBacked(u32),
+    #[error("resource {0} has no backing")]
+    NotBacked(u32),
+    #[error("backing entry {index} [{addr:#x}, +{len:#x}) is not in guest memory")]
+    BackingOutsideMemory { index: usize, addr: u64, len: u32 },
+    #[error("transfer needs {need} bytes of backing, resource {resource_id} has {have}")]
+    TransferOutsideBacking {
+        resource_id: u32,
+        need: u64,
+        have: u64,
+    },
+    #[error("SUBMIT_3D: bad fencelab stream: {0}")]
+    Stream(#[from] fencelab_stream::DecodeError),
+}
+
+impl GpuError {
+    /// The `VIRTIO_GPU_RESP_ERR_*` this error is answered with.
+    pub fn response_code(&self) -> u32 {
+        match self {
+            GpuError::NoSuchResource(_) | GpuError::ResourceExists(_) => {
+                RESP_ERR_INVALID_RESOURCE_ID
+            }
+            GpuError::NoSuchContext(_) | GpuError::ContextExists(_) => RESP_ERR_INVALID_CONTEXT_ID,
+            GpuError::NoSuchScanout(_) => RESP_ERR_INVALID_SCANOUT_ID,
+            GpuError::AlreadyBacked(_) => RESP_ERR_UNSPEC,
+            GpuError::NoSuchCapset { .. }
+            | GpuError::UnknownCapset { .. }
+            | GpuError::BadFormat(_)
+            | GpuError::ZeroSize { .. }
+            | GpuError::RectOutOfBounds { .. }
+            | GpuError::NotBacked(_)
+            | GpuError::BackingOutsideMemory { .. }
+            | GpuError::TransferOutsideBacking { .. }
+            | GpuError::Stream(_) => RESP_ERR_INVALID_PARAMETER,
+        }
+    }
+}
+
+/// The response a command earns, before it is tied to a request header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    NoData,
+    DisplayInfo(Box<RespDisplayInfo>),
+    CapsetInfo(RespCapsetInfo),
+    Edid(Box<RespEdid>),
+    /// A `VIRTIO_GPU_RESP_ERR_*` code (or whatever a fencelab `FAIL` asked for).
+    Err(u32),
+}
+
+impl Response {
+    /// The response type code.
+    pub fn code(&self) -> u32 {
+        match self {
+            Response::NoData => RESP_OK_NODATA,
+            Response::DisplayInfo(_) => RESP_OK_DISPLAY_INFO,
+            Response::CapsetInfo(_) => RESP_OK_CAPSET_INFO,
+            Response::Edid(_) => RESP_OK_EDID,
+            Response::Err(code) => *code,
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        matches!(self, Response::Err(_))
+    }
+
+    /// The bytes to write into the response buffer of request `req`.
+    pub fn encode(&self, req: &CtrlHdr) -> Vec<u8> {
+        let hdr = req.response(self.code());
+        match self {
+            Response::NoData | Response::Err(_) => hdr.as_slice().to_vec(),
+            Response::DisplayInfo(r) => {
+                let mut r = **r;
+                r.hdr = hdr;
+                r.as_slice().to_vec()
+            }
+            Response::CapsetInfo(r) => {
+                let mut r = *r;
+                r.hdr = hdr;
+                r.as_slice().to_vec()
+            }
+            Response::Edid(r) => {
+                let mut r = **r;
+                r.hdr = hdr;
+                r.as_slice().to_vec()
+            }
+        }
+    }
+}
+
+/// Result of executing one command.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub response: Response,
+    /// Simulated GPU time (fencelab `WORK` ops) the fence must wait for.
+    pub work_ns: u64,
+    /// Why the command failed, when it did for a reason worth logging.
+    pub error: Option<GpuError>,
+}
+
+impl Outcome {
+    fn ok(response: Response) -> Self {
+        Outcome {
+            response,
+            work_ns: 0,
+            error: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceKind {
+    TwoD { format: u32 },
+    ThreeD(ResourceCreate3d),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    pub width: u32,
+    pub height: u32,
+    /// Guest pages backing the resource, when attached.
+    pub backing: Option<Vec<MemEntry>>,
+}
+
+impl Resource {
+    fn backing_len(&self) -> u64 {
+        self.backing
+            .iter()
+            .flatten()
+            .map(|e| u64::from(e.length))
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Context {
+    pub name: String,
+    pub context_init: u32,
+    pub resources: BTreeSet<u32>,
+}
+
+/// The device's state.
+#[derive(Debug, Default)]
+pub struct Gpu {
+    resources: HashMap<u32, Resource>,
+    contexts: HashMap<u32, Context>,
+    scanout: Option<u32>,
+    cursor: Option<u32>,
+}
+
+impl Gpu {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn resource(&self, id: u32) -> Option<&Resource> {
+        self.resources.get(&id)
+    }
+
+    pub fn context(&self, id: u32) -> Option<&Context> {
+        self.contexts.get(&id)
+    }
+
+    /// The resource shown on scanout 0, if any.
+    pub fn scanout(&self) -> Option<u32> {
+        self.scanout
+    }
+
+    /// Executes `cmd` (whose request header is `hdr`) and returns the response.
+    pub fn execute(&mut self, hdr: &CtrlHdr, cmd: Command, mem: &dyn GuestRanges) -> Outcome {
+        match self.run(hdr, cmd, mem) {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome {
+                response: Response::Err(e.response_code()),
+                work_ns: 0,
+                error: Some(e),
+            },
+        }
+    }
+
+    fn run(
+        &mut self,
+        hdr: &CtrlHdr,
+        cmd: Command,
+        mem: &dyn GuestRanges,
+    ) -> Result<Outcome, GpuError> {
+        let nodata = || Ok(Outcome::ok(Response::NoData));
+        match cmd {
+            Command::GetDisplayInfo => {
+                Ok(Outcome::ok(Response::DisplayInfo(Box::new(display_info()))))
+            }
+            Command::GetEdid { scanout } => {
+                if scanout as usize >= VIRTIO_GPU_MAX_SCANOUTS {
+                    return Err(GpuError::NoSuchScanout(scanout));
+                }
+                let mut r = RespEdid {
+                    size: 128,
+                    ..RespEdid::default()
+                };
+                r.edid[..128].copy_from_slice(&edid());
+                Ok(Outcome::ok(Response::Edid(Box::new(r))))
+            }
+            Command::GetCapsetInfo { index } => Err(GpuError::NoSuchCapset { index }),
+            Command::GetCapset { id, version } => Err(GpuError::UnknownCapset { id, version }),
+            Command::ResourceCreate2d(c) => {
+                if self.resources.contains_key(&c.resource_id) {
+                    return Err(GpuError::ResourceExists(c.resource_id));
+                }
+                if !FORMATS_2D.contains(&c.format) {
+                    return Err(GpuError::BadFormat(c.format));
+                }
+                if c.width == 0 || c.height == 0 {
+                    return Err(GpuError::ZeroSize {
+                        width: c.width,
+                        height: c.height,
+                    });
+                }
+                self.resources.insert(
+                    c.resource_id,
+                    Resource {
+                        kind: ResourceKind::TwoD { format: c.format },
+                        width: c.width,
+                        height: c.height,
+                        backing: None,
+                    },
+                );
+                nodata()
+            }
+            Command::ResourceCreate3d(c) => {
+                if self.resources.contains_key(&c.resource_id) {
+                    return Err(GpuError::ResourceExists(c.resource_id));
+                }
+                self.resources.insert(
+                    c.resource_id,
+                    Resource {
+                        kind: ResourceKind::ThreeD(c),
+                        width: c.width,
+                        height: c.height,
+                        backing: None,
+                    },
+                );
+                nodata()
+            }
+            Command::ResourceUnref { resource_id } => {
+                self.resources
+                    .remove(&resource_id)
+                    .ok_or(GpuError::NoSuchResource(resource_id))?;
+                for ctx in self.contexts.values_mut() {
+                    ctx.resources.remove(&resource_id);
+                }
+                if self.scanout == Some(resource_id) {
+                    self.scanout = None;
+                }
+                if self.cursor == Some(resource_id) {
+                    self.cursor = None;
+                }
+                nodata()
+            }
+            Command::SetScanout(s) => {
+                if s.scanout_id >= NUM_SCANOUTS {
+                    return Err(GpuError::NoSuchScanout(s.scanout_id));
+                }
+                if s.resource_id == 0 {
+                    self.scanout = None;
+                    return nodata();
+                }
+                let res = self.get(s.resource_id)?;
+                check_rect(s.resource_id, res, &s.r)?;
+                self.scanout = Some(s.resource_id);
+                nodata()
+            }
+            Command::ResourceFlush(f) => {
+                let res = self.get(f.resource_id)?;
+                check_rect(f.resource_id, res, &f.r)?;
+                nodata()
+            }
+            Command::TransferToHost2d(t) => {
+                let res = self.get(t.resource_id)?;
+                check_rect(t.resource_id, res, &t.r)?;
+                if res.backing.is_none() {
+                    return Err(GpuError::NotBacked(t.resource_id));
+                }
+                let need =
+                    transfer_2d_len(res.width, &t).ok_or(GpuError::TransferOutsideBacking {
+                        resource_id: t.resource_id,
+                        need: u64::MAX,
+                        have: res.backing_len(),
+                    })?;
+                if need > res.backing_len() {
+                    return Err(GpuError::TransferOutsideBacking {
+                        resource_id: t.resource_id,
+                        need,
+                        have: res.backing_len(),
+                    });
+                }
+                nodata()
+            }
+            Command::ResourceAttachBacking {
+                resource_id,
+                entries,
+            } => {
+                let res = self.get(resource_id)?;
+                if res.backing.is_some() {
+                    return Err(GpuError::AlreadyBacked(resource_id));
+                }
+                for (index, e) in entries.iter().enumerate() {
+                    if !mem.contains(e.addr, u64::from(e.length)) {
+                        return Err(GpuError::BackingOutsideMemory {
+                            index,
+                            addr: e.addr,
+                            len: e.length,
+                        });
+                    }
+                }
+                if let Some(res) = self.resources.get_mut(&resource_id) {
+                    res.backing = Some(entries);
+                }
+                nodata()
+            }
+            Command::ResourceDetachBacking { resource_id } => {
+                let res = self
+                    .resources
+                    .get_mut(&resource_id)
+                    .ok_or(GpuError::NoSuchResource(resource_id))?;
+                res.backing.take().ok_or(GpuError::NotBacked(resource_id))?;
+                nodata()
+            }
+            Command::CtxCreate {
+                context_init,
+                debug_name,
+            } => {
+                if hdr.ctx_id == 0 || self.contexts.contains_key(&hdr.ctx_id) {
+                    return Err(GpuError::ContextExists(hdr.ctx_id));
+                }
+                debug!(ctx = hdr.ctx_id, name = %debug_name, "context created");
+                self.contexts.insert(
+                    hdr.ctx_id,
+                    Context {
+                        name: debug_name,
+                        context_init,
+                        resources: BTreeSet::new(),
+                    },
+                );
+                nodata()
+            }
+            Command::CtxDestroy => {
+                self.contexts
+                    .remove(&hdr.ctx_id)
+                    .ok_or(GpuError::NoSuchContext(hdr.ctx_id))?;
+                nodata()
+            }
+            Command::CtxAttachResource { resource_id } => {
+                self.get(resource_id)?;
+                self.ctx_mut(hdr.ctx_id)?.resources.insert(resource_id);
+                nodata()
+            }
+            Command::CtxDetachResource { resource_id } => {
+                self.get(resource_id)?;
+                self.ctx_mut(hdr.ctx_id)?.resources.remove(&resource_id);
+                nodata()
+            }
+            Command::TransferToHost3d(t) | Command::TransferFromHost3d(t) => {
+                if hdr.ctx_id != 0 {
+                    self.ctx_mut(hdr.ctx_id)?;
+                }
+                self.get(t.resource_id)?;
+                nodata()
+            }
+            Command::Submit3d { payload } => {
+                self.ctx_mut(hdr.ctx_id)?;
+                submit_3d(hdr, &payload)
+            }
+            Command::UpdateCursor(c) => {
+                if c.pos.scanout_id >= NUM_SCANOUTS {
+                    return Err(GpuError::NoSuchScanout(c.pos.scanout_id));
+                }
+                if c.resource_id == 0 {
+                    self.cursor = None;
+                } else {
+                    self.get(c.resource_id)?;
+                    self.cursor = Some(c.resource_id);
+                }
+                nodata()
+            }
+            Command::MoveCursor(c) => {
+                if c.pos.scanout_id >= NUM_SCANOUTS {
+                    return Err(GpuError::NoSuchScanout(c.pos.scanout_id));
+                }
+                nodata()
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> Result<&Resource, GpuError> {
+        self.resources.get(&id).ok_or(GpuError::NoSuchResource(id))
+    }
+
+    fn ctx_mut(&mut self, id: u32) -> Result<&mut Context, GpuError> {
+        self.contexts
+            .get_mut(&id)
+            .ok_or(GpuError::NoSuchContext(id))
+    }
+}
+
+/// Runs a `SUBMIT_3D` payload: a fencelab stream is interpreted, anything
+/// else is a foreign workload accepted as a no-op.
+fn submit_3d(hdr: &CtrlHdr, payload: &[u8]) -> Result<Outcome, GpuError> {
+    let mut outcome = Outcome::ok(Response::NoData);
+    if !fencelab_stream::is_stream(payload) {
+        return Ok(outcome);
+    }
+    for op in fencelab_stream::decode(payload)? {
+        match op {
+            fencelab_stream::Op::Work { ns } => {
+                outcome.work_ns = outcome.work_ns.saturating_add(ns);
+            }
+            fencelab_stream::Op::Fail { err } => {
+                // The first FAIL decides the answer.
+                if !outcome.response.is_error() {
+                    outcome.response = Response::Err(err);
+                }
+            }
+            other => {
+                debug!(
+                    ctx = hdr.ctx_id,
+                    fence_id = hdr.fence_id,
+                    op = ?other,
+                    "fencelab op accepted, not acted on yet"
+                );
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Checks that `r` lies inside `res`.
+fn check_rect(resource_id: u32, res: &Resource, r: &Rect) -> Result<(), GpuError> {
+    let fits =
+        |start: u32, len: u32, limit: u32| start.checked_add(len).is_some_and(|end| end <= limit);
+    if fits(r.x, r.width, res.width) && fits(r.y, r.height, res.height) {
+        Ok(())
+    } else {
+        Err(GpuError::RectOutOfBounds {
+            resource_id,
+            r: *r,
+            width: res.width,
+            height: res.height,
+        })
+    }
+}
+
+/// Bytes of backing a 2D transfer reads: from `offset` to the end of the
+/// last pixel of the rect's last row, with the resource's row stride.
+/// `None` on overflow.
+fn transfer_2d_len(res_width: u32, t: &TransferToHost2d) -> Option<u64> {
+    if t.r.width == 0 || t.r.height == 0 {
+        return Some(0);
+    }
+    let stride = u64::from(res_width).checked_mul(BPP)?;
+    let last_row = u64::from(t.r.height - 1).checked_mul(stride)?;
+    let row = u64::from(t.r.width).checked_mul(BPP)?;
+    t.offset.checked_add(last_row)?.checked_add(row)
+}
+
+fn display_info() -> RespDisplayInfo {
+    let mut r = RespDisplayInfo::default();
+    r.pmodes[0] = DisplayOne {
+        r: Rect {
+            x: 0,
+            y: 0,
+            width: DISPLAY_WIDTH,
+            height: DISPLAY_HEIGHT,
+        },
+        enabled: 1,
+        flags: 0,
+    };
+    r
+}
+
+/// A 128-byte EDID 1.4 block for one 1024x768@60 (VESA DMT) digital display.
+pub fn edid() -> [u8; 128] {
+    let mut e = [0u8; 128];
+    e[0..8].copy_from_slice(&[0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00]);
+    // Manufacturer "FNL": three 5-bit letters, big-endian.
+    let id: u16 = ((b'F' - b'@') as u16) << 10 | ((b'N' - b'@') as u16) << 5 | (b'L' - b'@') as u16;
+    e[8..10].copy_from_slice(&id.to_be_bytes());
+    e[10..12].copy_from_slice(&1u16.to_le_bytes()); // product code
+    // serial 12..16 = 0
+    e[16] = 1; // week
+    e[17] = 36; // year - 1990 = 2026
+    e[18] = 1; // EDID 1.4
+    e[19] = 4;
+    e[20] = 0x80; // digital input
+    e[21] = 27; // 27 cm x 20 cm
+    e[22] = 20;
+    e[23] = 120; // gamma 2.2
+    e[24] = 0x06; // sRGB default colour space, preferred timing is native
+    // Chromaticity: sRGB primaries.
+    e[25..35].copy_from_slice(&[0xee, 0x91, 0xa3, 0x54, 0x4c, 0x99, 0x26, 0x0f, 0x50, 0x54]);
+    e[35] = 0x00;
+    e[36] = 0x08; // established timing 1024x768@60
+    e[37] = 0x00;
+    // Standard timings: 1024x768@60 (4:3), the rest unused.
+    e[38] = (1024 / 8 - 31) as u8;
+    e[39] = 0x40;
+    for i in (40..54).step_by(2) {
+        e[i] = 0x01;
+        e[i + 1] = 0x01;
+    }
+    // Detailed timing: 65.00 MHz, 1024+24+136+160 x 768+3+6+29, -hsync -vsync.
+    e[54..72].copy_from_slice(&[
+        0x64, 0x19, // pixel clock 6500 x 10 kHz
+        0x00, // h active low 8 bits (1024)
+        0x40, // h blank low 8 bits (320)
+        0x41, // h active hi 4 | h blank hi 4
+        0x00, // v active low (768)
+        0x26, // v blank low (38)
+        0x30, // v active hi | v blank hi
+        0x18, // h front porch 24
+        0x88, // h sync 136
+        0x36, // v front porch 3 | v sync 6
+        0x00, // high bits of the porches and syncs
+        0x0e, // image width 270 mm (low)
+        0xcb, // image height 203 mm (low)
+        0x10, // size high bits
+        0x00, 0x00, // borders
+        0x18, // digital separate sync, both negative
+    ]);
+    // Display product name.
+    e[72..90].copy_from_slice(&[
+        0x00, 0x00, 0x00, 0xfc, 0x00, b'f', b'e', b'n', b'c', b'e', b'l', b'a', b'b', 0x0a, 0x20,
+        0x20, 0x20, 0x20,
+    ]);
+    // Range limits: 50-75 Hz vertical, 30-80 kHz horizontal, 80 MHz.
+    e[90..108].copy_from_slice(&[
+        0x00, 0x00, 0x00, 0xfd, 0x00, 50, 75, 30, 80, 8, 0x00, 0x0a, 0x20, 0x20, 0x20, 0x20, 0x20,
+        0x20,
+    ]);
+    // Dummy descriptor.
+    e[108..113].copy_from_slice(&[0x00, 0x00, 0x00, 0x10, 0x00]);
+    e[126] = 0; // no extensions
+    let sum = e[..127].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    e[127] = 0u8.wrapping_sub(sum);
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::decode;
+    use crate::decode::testutil::*;
+
+    /// Guest memory: [0x1000_0000, 0x2000_0000).
+    struct Ram;
+    impl GuestRanges for Ram {
+        fn contains(&self, addr: u64, len: u64) -> bool {
+            addr >= 0x1000_0000 && addr.checked_add(len).is_some_and(|end| end <= 0x2000_0000)
+        }
+    }
+
+    fn run(gpu: &mut Gpu, bytes: &[u8]) -> Outcome {
+        let (h, c) = decode(bytes).expect("test request decodes");
+        gpu.execute(&h, c, &Ram)
+    }
+
+    fn code(gpu: &mut Gpu, bytes: &[u8]) -> u32 {
+        run(gpu, bytes).response.code()
+    }
+
+    fn create_2d(id: u32, w: u32, h: u32) -> Vec<u8> {
+        let c = ResourceCreate2d {
+            resource_id: id,
+            format: FORMAT_B8G8R8X8_UNORM,
+            width: w,
+            height: h,
+        };
+        req(hdr(CMD_RESOURCE_CREATE_2D), &[c.as_slice()])
+    }
+
+    fn rid_req(ty: u32, ctx: u32, id: u32) -> Vec<u8> {
+        let h = CtrlHdr {
+            ctx_id: ctx,
+            ..hdr(ty)
+        };
+        req(
+            h,
+            &[ResourceId {
+                resource_id: id,
+                padding: 0,
+            }
+            .as_slice()],
+        )
+    }
+
+    fn ctx_create(ctx: u32) -> Vec<u8> {
+        let h = CtrlHdr {
+            ctx_id: ctx,
+            ..hdr(CMD_CTX_CREATE)
+        };
+        req(h, &[CtxCreate::default().as_slice()])
+    }
+
+    fn entry(addr: u64, length: u32) -> MemEntry {
+        MemEntry {
+            addr,
+            length,
+            padding: 0,
+        }
+    }
+
+    fn transfer(id: u32, r: Rect, offset: u64) -> Vec<u8> {
+        let t = TransferToHost2d {
+            r,
+            offset,
+            resource_id: id,
+            padding: 0,
+        };
+        req(hdr(CMD_TRANSFER_TO_HOST_2D), &[t.as_slice()])
+    }
+
+    fn rect(x: u32, y: u32, width: u32, height: u32) -> Rect {
+        Rect {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
+    #[test]
+    fn display_info_reports_one_enabled_scanout() {
+        let mut gpu = Gpu::new();
+        let out = run(&mut gpu, &req(hdr(CMD_GET_DISPLAY_INFO), &[]));
+        let bytes = out.response.encode(&hdr(CMD_GET_DISPLAY_INFO));
+        let r: RespDisplayInfo = read_struct(&bytes).unwrap();
+        assert_eq!(r.hdr.type_, RESP_OK_DISPLAY_INFO);
+        assert_eq!(r.pmodes[0].enabled, 1);
+        assert_eq!((r.pmodes[0].r.width, r.pmodes[0].r.height), (1024, 768));
+        assert!(r.pmodes[1..].iter().all(|m| m.enabled == 0));
+    }
+
+    #[test]
+    fn edid_is_valid_and_describes_1024x768() {
+        let e = edid();
+        assert_eq!(&e[..8], &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+        assert_eq!(e.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        let dtd = &e[54..72];
+        let clock_khz = u32::from(u16::from_le_bytes([dtd[0], dtd[1]])) * 10;
+        let h_active = u32::from(dtd[2]) | (u32::from(dtd[4] >> 4) << 8);
+        let h_blank = u32::from(dtd[3]) | (u32::from(dtd[4] & 0xf) << 8);
+        let v_active = u32::from(dtd[5]) | (u32::from(dtd[7] >> 4) << 8);
+        let v_blank = u32::from(dtd[6]) | (u32::from(dtd[7] & 0xf) << 8);
+        assert_eq!((h_active, v_active), (1024, 768));
+        let refresh =
+            clock_khz as f64 * 1000.0 / f64::from((h_active + h_blank) * (v_active + v_blank));
+        assert!((refresh - 60.0).abs() < 0.5, "refresh {refresh}");
+
+        let mut gpu = Gpu::new();
+        let ge = GetEdid {
+            scanout: 0,
+            padding: 0,
+        };
+        let out = run(&mut gpu, &req(hdr(CMD_GET_EDID), &[ge.as_slice()]));
+        let bytes = out.response.encode(&hdr(CMD_GET_EDID));
+        let r: RespEdid = read_struct(&bytes).unwrap();
+        assert_eq!(r.hdr.type_, RESP_OK_EDID);
+        assert_eq!(r.size, 128);
+        assert_eq!(&r.edid[..128], &e[..]);
+        let ge = GetEdid {
+            scanout: 16,
+            padding: 0,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_GET_EDID), &[ge.as_slice()])),
+            RESP_ERR_INVALID_SCANOUT_ID
+        );
+    }
+
+    #[test]
+    fn no_capsets() {
+        let mut gpu = Gpu::new();
+        let ci = GetCapsetInfo {
+            capset_index: 0,
+            padding: 0,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_GET_CAPSET_INFO), &[ci.as_slice()])),
+            RESP_ERR_INVALID_PARAMETER
+        );
+        let gc = GetCapset {
+            capset_id: 1,
+            capset_version: 0,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_GET_CAPSET), &[gc.as_slice()])),
+            RESP_ERR_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn fbdev_sequence() {
+        // What Linux's fbdev emulation does: create, attach, scanout, transfer, flush.
+        let mut gpu = Gpu::new();
+        assert_eq!(code(&mut gpu, &create_2d(1, 1024, 768)), RESP_OK_NODATA);
+        assert_eq!(
+            code(&mut gpu, &create_2d(1, 8, 8)),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+        let size = 1024 * 768 * 4;
+        assert_eq!(
+            code(&mut gpu, &attach(1, &[entry(0x1000_0000, size)])),
+            RESP_OK_NODATA
+        );
+        assert_eq!(gpu.resource(1).unwrap().backing.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            code(&mut gpu, &attach(1, &[entry(0x1000_0000, 4)])),
+            RESP_ERR_UNSPEC,
+            "double attach"
+        );
+        let ss = SetScanout {
+            r: rect(0, 0, 1024, 768),
+            scanout_id: 0,
+            resource_id: 1,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_SET_SCANOUT), &[ss.as_slice()])),
+            RESP_OK_NODATA
+        );
+        assert_eq!(gpu.scanout(), Some(1));
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(0, 0, 1024, 768), 0)),
+            RESP_OK_NODATA
+        );
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(0, 0, 1024, 768), 4)),
+            RESP_ERR_INVALID_PARAMETER,
+            "reads past the backing"
+        );
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(1000, 0, 25, 1), 0)),
+            RESP_ERR_INVALID_PARAMETER,
+            "rect past the resource"
+        );
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(u32::MAX, 0, 2, 1), 0)),
+            RESP_ERR_INVALID_PARAMETER,
+            "overflowing rect"
+        );
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(0, 0, 1, 1), u64::MAX)),
+            RESP_ERR_INVALID_PARAMETER,
+            "overflowing offset"
+        );
+        let fl = ResourceFlush {
+            r: rect(0, 0, 1024, 768),
+            resource_id: 1,
+            padding: 0,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_RESOURCE_FLUSH), &[fl.as_slice()])),
+            RESP_OK_NODATA
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_RESOURCE_DETACH_BACKING, 0, 1)),
+            RESP_OK_NODATA
+        );
+        assert_eq!(
+            code(&mut gpu, &transfer(1, rect(0, 0, 1, 1), 0)),
+            RESP_ERR_INVALID_PARAMETER,
+            "no backing"
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_RESOURCE_DETACH_BACKING, 0, 1)),
+            RESP_ERR_INVALID_PARAMETER
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_RESOURCE_UNREF, 0, 1)),
+            RESP_OK_NODATA
+        );
+        assert_eq!(gpu.scanout(), None, "unref drops the scanout");
+        assert!(gpu.resource(1).is_none());
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_RESOURCE_UNREF, 0, 1)),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+    }
+
+    #[test]
+    fn create_2d_validates() {
+        let mut gpu = Gpu::new();
+        let mut c = ResourceCreate2d {
+            resource_id: 2,
+            format: 99,
+            width: 4,
+            height: 4,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_RESOURCE_CREATE_2D), &[c.as_slice()])),
+            RESP_ERR_INVALID_PARAMETER
+        );
+        c.format = FORMAT_R8G8B8A8_UNORM;
+        c.height = 0;
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_RESOURCE_CREATE_2D), &[c.as_slice()])),
+            RESP_ERR_INVALID_PARAMETER
+        );
+        assert!(gpu.resource(2).is_none());
+    }
+
+    #[test]
+    fn attach_backing_checks_guest_memory() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &create_2d(1, 16, 16));
+        let out = run(
+            &mut gpu,
+            &attach(1, &[entry(0x1000_0000, 4096), entry(0x1fff_f000, 0x1001)]),
+        );
+        assert_eq!(out.response.code(), RESP_ERR_INVALID_PARAMETER);
+        assert_eq!(
+            out.error,
+            Some(GpuError::BackingOutsideMemory {
+                index: 1,
+                addr: 0x1fff_f000,
+                len: 0x1001
+            })
+        );
+        assert!(
+            gpu.resource(1).unwrap().backing.is_none(),
+            "nothing attached"
+        );
+        assert_eq!(
+            code(&mut gpu, &attach(1, &[entry(u64::MAX - 1, 16)])),
+            RESP_ERR_INVALID_PARAMETER,
+            "wrapping address"
+        );
+        assert_eq!(
+            code(&mut gpu, &attach(7, &[entry(0x1000_0000, 16)])),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+    }
+
+    #[test]
+    fn set_scanout_validates() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &create_2d(1, 64, 64));
+        let mut ss = SetScanout {
+            r: rect(0, 0, 64, 64),
+            scanout_id: 1,
+            resource_id: 1,
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_SET_SCANOUT), &[ss.as_slice()])),
+            RESP_ERR_INVALID_SCANOUT_ID
+        );
+        ss.scanout_id = 0;
+        ss.resource_id = 9;
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_SET_SCANOUT), &[ss.as_slice()])),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+        ss.resource_id = 1;
+        ss.r = rect(0, 0, 65, 64);
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_SET_SCANOUT), &[ss.as_slice()])),
+            RESP_ERR_INVALID_PARAMETER
+        );
+        ss.resource_id = 0;
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_SET_SCANOUT), &[ss.as_slice()])),
+            RESP_OK_NODATA,
+            "resource 0 disables"
+        );
+    }
+
+    #[test]
+    fn contexts_and_3d() {
+        let mut gpu = Gpu::new();
+        assert_eq!(code(&mut gpu, &ctx_create(0)), RESP_ERR_INVALID_CONTEXT_ID);
+        assert_eq!(code(&mut gpu, &ctx_create(1)), RESP_OK_NODATA);
+        assert_eq!(code(&mut gpu, &ctx_create(1)), RESP_ERR_INVALID_CONTEXT_ID);
+        let c3 = ResourceCreate3d {
+            resource_id: 5,
+            width: 4096,
+            height: 1,
+            depth: 1,
+            array_size: 1,
+            ..ResourceCreate3d::default()
+        };
+        assert_eq!(
+            code(
+                &mut gpu,
+                &req(hdr(CMD_RESOURCE_CREATE_3D), &[c3.as_slice()])
+            ),
+            RESP_OK_NODATA
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_CTX_ATTACH_RESOURCE, 1, 5)),
+            RESP_OK_NODATA
+        );
+        assert!(gpu.context(1).unwrap().resources.contains(&5));
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_CTX_ATTACH_RESOURCE, 2, 5)),
+            RESP_ERR_INVALID_CONTEXT_ID
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_CTX_ATTACH_RESOURCE, 1, 6)),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+        let t3 = TransferHost3d {
+            resource_id: 5,
+            ..TransferHost3d::default()
+        };
+        let h = CtrlHdr {
+            ctx_id: 1,
+            ..fenced(CMD_TRANSFER_TO_HOST_3D, 1, 3)
+        };
+        assert_eq!(code(&mut gpu, &req(h, &[t3.as_slice()])), RESP_OK_NODATA);
+        let h = CtrlHdr {
+            ctx_id: 3,
+            ..hdr(CMD_TRANSFER_FROM_HOST_3D)
+        };
+        assert_eq!(
+            code(&mut gpu, &req(h, &[t3.as_slice()])),
+            RESP_ERR_INVALID_CONTEXT_ID
+        );
+        let t3 = TransferHost3d {
+            resource_id: 8,
+            ..TransferHost3d::default()
+        };
+        assert_eq!(
+            code(
+                &mut gpu,
+                &req(hdr(CMD_TRANSFER_FROM_HOST_3D), &[t3.as_slice()])
+            ),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_CTX_DETACH_RESOURCE, 1, 5)),
+            RESP_OK_NODATA
+        );
+        assert!(gpu.context(1).unwrap().resources.is_empty());
+        let destroy = req(
+            CtrlHdr {
+                ctx_id: 1,
+                ..hdr(CMD_CTX_DESTROY)
+            },
+            &[],
+        );
+        assert_eq!(code(&mut gpu, &destroy), RESP_OK_NODATA);
+        assert_eq!(code(&mut gpu, &destroy), RESP_ERR_INVALID_CONTEXT_ID);
+    }
+
+    #[test]
+    fn submit_3d_interprets_fencelab_streams() {
+        use fencelab_stream::{Op, encode};
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        let h = fenced(CMD_SUBMIT_3D, 1, 7);
+
+        let out = run(&mut gpu, &submit(h, b"virgl-opaque-bytes"));
+        assert_eq!(out.response, Response::NoData);
+        assert_eq!(out.work_ns, 0);
+
+        let s = encode(&[Op::Work { ns: 1000 }, Op::Work { ns: 500 }]);
+        let out = run(&mut gpu, &submit(h, &s));
+        assert_eq!(out.response, Response::NoData);
+        assert_eq!(out.work_ns, 1500);
+
+        let s = encode(&[Op::Work { ns: u64::MAX }, Op::Work { ns: 5 }]);
+        assert_eq!(run(&mut gpu, &submit(h, &s)).work_ns, u64::MAX, "saturates");
+
+        let s = encode(&[
+            Op::Fail {
+                err: RESP_ERR_OUT_OF_MEMORY,
+            },
+            Op::Work { ns: 10 },
+            Op::Fail {
+                err: RESP_ERR_UNSPEC,
+            },
+        ]);
+        let out = run(&mut gpu, &submit(h, &s));
+        assert_eq!(out.response, Response::Err(RESP_ERR_OUT_OF_MEMORY));
+        assert_eq!(out.work_ns, 10);
+        let bytes = out.response.encode(&h);
+        let rh: CtrlHdr = read_struct(&bytes).unwrap();
+        assert_eq!(rh.type_, RESP_ERR_OUT_OF_MEMORY);
+        assert_eq!(
+            (rh.fence_id, rh.ctx_id, rh.flags),
+            (7, 1, VIRTIO_GPU_FLAG_FENCE)
+        );
+
+        let s = encode(&[
+            Op::Write {
+                resource: 1,
+                offset: 0,
+                value: 1,
+            },
+            Op::Deadline { fence: 7, ns: 1 },
+        ]);
+        assert_eq!(run(&mut gpu, &submit(h, &s)).response, Response::NoData);
+
+        let mut bad = encode(&[Op::Work { ns: 1 }]);
+        bad[8] = 0x55;
+        let out = run(&mut gpu, &submit(h, &bad));
+        assert_eq!(out.response, Response::Err(RESP_ERR_INVALID_PARAMETER));
+        assert!(matches!(out.error, Some(GpuError::Stream(_))));
+
+        let h = fenced(CMD_SUBMIT_3D, 2, 8);
+        assert_eq!(
+            run(&mut gpu, &submit(h, b"")).response,
+            Response::Err(RESP_ERR_INVALID_CONTEXT_ID)
+        );
+    }
+
+    #[test]
+    fn cursor_commands() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &create_2d(3, 64, 64));
+        let mut c = UpdateCursor {
+            resource_id: 3,
+            ..UpdateCursor::default()
+        };
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_UPDATE_CURSOR), &[c.as_slice()])),
+            RESP_OK_NODATA
+        );
+        c.resource_id = 4;
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_UPDATE_CURSOR), &[c.as_slice()])),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+        c.pos.scanout_id = 5;
+        assert_eq!(
+            code(&mut gpu, &req(hdr(CMD_MOVE_CURSOR), &[c.as_slice()])),
+            RESP_ERR_INVALID_SCANOUT_ID
+        );
+    }
+}

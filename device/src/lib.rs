@@ -1,0 +1,17 @@
+//! fencelab-device: a vhost-user virtio-gpu backend for QEMU's
+//! `vhost-user-gpu-pci`, answering the Linux `virtio_gpu` driver and
+//! completing fences on a schedule.
+//!
+//! - [`protocol`]: virtio-gpu wire structs and constants.
+//! - [`decode`]: request bytes to a typed [`decode::Command`] (pure).
+//! - [`gpu`]: device state (resources, contexts) and command semantics.
+//! - [`engine`]: the fence completion loop.
+//! - [`backend`]: the `VhostUserBackend` implementation and vring plumbing.
+//! - [`stats`]: accounting for the shutdown summary.
+
+pub mod backend;
+pub mod decode;
+pub mod engine;
+pub mod gpu;
+pub mod protocol;
+pub mod stats;
