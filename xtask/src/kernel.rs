@@ -201,7 +201,11 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
 
     if !args.force {
         if let Some(kernel) = cached(&out)? {
-            say(format!("cache hit {key16} ({}) in {}", kernel.release, cmd::human_duration(started.elapsed())));
+            let cold = kernel
+                .cold_build_secs
+                .map(|s| format!("; its cold build took {}", cmd::human_duration(Duration::from_secs_f64(s))))
+                .unwrap_or_default();
+            say(format!("cache hit {key16} ({}) in {}{cold}", kernel.release, cmd::human_duration(started.elapsed())));
             return Ok(kernel);
         }
     }

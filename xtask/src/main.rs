@@ -6,6 +6,7 @@
 mod boot;
 mod cmd;
 mod console;
+mod cpio;
 mod image;
 mod kernel;
 mod paths;

@@ -180,8 +180,7 @@ pub fn run() -> Result<Toolchain> {
     if !Path::new(BUSYBOX).exists() {
         bail!("{BUSYBOX} is missing although busybox-static is installed");
     }
-    eprintln!("setup: done in {}", cmd::human_duration(started.elapsed()));
-    Ok(Toolchain {
+    let toolchain = Toolchain {
         linux_src,
         linux_version,
         linux_package_version: linux_pkg_version,
@@ -196,7 +195,27 @@ pub fn run() -> Result<Toolchain> {
         qemu: PathBuf::from(QEMU),
         qemu_version,
         busybox: PathBuf::from(BUSYBOX),
-    })
+    };
+    eprintln!("setup: done in {} ({})", cmd::human_duration(started.elapsed()), toolchain.summary());
+    Ok(toolchain)
+}
+
+impl Toolchain {
+    /// One line naming every version that matters.
+    pub fn summary(&self) -> String {
+        format!(
+            "Linux {} [{}], rust-src {}, {}, {}, {}, {} ({}), busybox {}",
+            self.linux_version,
+            self.linux_package_version,
+            self.rust_src_package_version,
+            self.rustc_version,
+            self.clang_version,
+            self.bindgen_version,
+            self.qemu_version,
+            self.qemu.display(),
+            self.busybox.display()
+        )
+    }
 }
 
 fn first_line(text: &str) -> String {
