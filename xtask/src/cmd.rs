@@ -92,19 +92,31 @@ pub struct Logged<'a> {
 
 impl Logged<'_> {
     pub fn new<'a>(what: &'a str, log: &'a Path) -> Logged<'a> {
-        Logged { what, log, every: None, classify: |_| None, tail_on_failure: 40 }
+        Logged {
+            what,
+            log,
+            every: None,
+            classify: |_| None,
+            tail_on_failure: 40,
+        }
     }
 }
 
 /// Formats a duration as `3m15s` / `42s`.
 pub fn human_duration(d: Duration) -> String {
     let secs = d.as_secs();
-    if secs >= 60 { format!("{}m{:02}s", secs / 60, secs % 60) } else { format!("{:.1}s", d.as_secs_f64()) }
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }
 
 /// The last `n` lines of a file (for error messages).
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -127,7 +139,9 @@ pub fn run_logged(mut cmd: Command, opts: &Logged) -> Result<LogStats> {
         .stdout(writer.try_clone().context("duplicating a pipe")?)
         .stderr(writer);
     die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().with_context(|| format!("cannot run `{described}`"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{described}`"))?;
     // The Command holds the parent's copies of the pipe's write end: drop them
     // so that the reader sees EOF when the child exits.
     drop(cmd);
@@ -165,7 +179,10 @@ pub fn run_logged(mut cmd: Command, opts: &Logged) -> Result<LogStats> {
                 let s = stats.lock().unwrap().clone();
                 let mut line = format!("{} ... {}", opts.what, human_duration(started.elapsed()));
                 if s.counted > 0 {
-                    line.push_str(&format!(", {} objects compiled, last: {}", s.counted, s.last));
+                    line.push_str(&format!(
+                        ", {} objects compiled, last: {}",
+                        s.counted, s.last
+                    ));
                 } else {
                     line.push_str(&format!(", {} lines of output", s.lines));
                 }
@@ -180,10 +197,17 @@ pub fn run_logged(mut cmd: Command, opts: &Logged) -> Result<LogStats> {
         .with_context(|| format!("writing {}", opts.log.display()))?;
     let s = stats.lock().unwrap().clone();
     if !status.success() {
-        eprintln!("--- last {} lines of {} ---", opts.tail_on_failure, opts.log.display());
+        eprintln!(
+            "--- last {} lines of {} ---",
+            opts.tail_on_failure,
+            opts.log.display()
+        );
         eprintln!("{}", tail(opts.log, opts.tail_on_failure));
         eprintln!("---");
-        bail!("`{described}` failed ({status}); full log: {}", opts.log.display());
+        bail!(
+            "`{described}` failed ({status}); full log: {}",
+            opts.log.display()
+        );
     }
     Ok(s)
 }
@@ -208,10 +232,14 @@ impl FileLock {
             .with_context(|| format!("opening lock {}", path.display()))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            eprintln!("{who}: waiting for another cargo xtask holding {}", path.display());
+            eprintln!(
+                "{who}: waiting for another cargo xtask holding {}",
+                path.display()
+            );
             // SAFETY: as above.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error()).context(format!("locking {}", path.display()));
+                return Err(std::io::Error::last_os_error())
+                    .context(format!("locking {}", path.display()));
             }
         }
         Ok(FileLock { _file: file })
@@ -235,7 +263,12 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -30,16 +30,36 @@ pub struct Entry {
 
 impl Entry {
     pub fn dir(name: &str, perm: u32) -> Entry {
-        Entry { name: name.to_owned(), mode: S_IFDIR | perm, data: Vec::new(), rdev: (0, 0) }
+        Entry {
+            name: name.to_owned(),
+            mode: S_IFDIR | perm,
+            data: Vec::new(),
+            rdev: (0, 0),
+        }
     }
     pub fn file(name: &str, perm: u32, data: Vec<u8>) -> Entry {
-        Entry { name: name.to_owned(), mode: S_IFREG | perm, data, rdev: (0, 0) }
+        Entry {
+            name: name.to_owned(),
+            mode: S_IFREG | perm,
+            data,
+            rdev: (0, 0),
+        }
     }
     pub fn symlink(name: &str, target: &str) -> Entry {
-        Entry { name: name.to_owned(), mode: S_IFLNK | 0o777, data: target.as_bytes().to_vec(), rdev: (0, 0) }
+        Entry {
+            name: name.to_owned(),
+            mode: S_IFLNK | 0o777,
+            data: target.as_bytes().to_vec(),
+            rdev: (0, 0),
+        }
     }
     pub fn char_dev(name: &str, perm: u32, major: u32, minor: u32) -> Entry {
-        Entry { name: name.to_owned(), mode: S_IFCHR | perm, data: Vec::new(), rdev: (major, minor) }
+        Entry {
+            name: name.to_owned(),
+            mode: S_IFCHR | perm,
+            data: Vec::new(),
+            rdev: (major, minor),
+        }
     }
 }
 
@@ -52,7 +72,11 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Writer { out, offset: 0, next_ino: 1 }
+        Writer {
+            out,
+            offset: 0,
+            next_ino: 1,
+        }
     }
 
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -66,11 +90,33 @@ impl<W: Write> Writer<W> {
         self.put(&[0u8; 3][..pad])
     }
 
-    fn header(&mut self, name: &str, mode: u32, nlink: u32, size: usize, rdev: (u32, u32)) -> io::Result<()> {
-        let size = u32::try_from(size).map_err(|_| io::Error::other(format!("{name} is too large for cpio")))?;
+    fn header(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        size: usize,
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
+        let size = u32::try_from(size)
+            .map_err(|_| io::Error::other(format!("{name} is too large for cpio")))?;
         let ino = if name == TRAILER { 0 } else { self.next_ino };
         self.next_ino += 1;
-        let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
         let mut header = String::with_capacity(110);
         header.push_str(MAGIC);
         for f in fields {
@@ -84,7 +130,11 @@ impl<W: Write> Writer<W> {
 
     pub fn add(&mut self, entry: &Entry) -> io::Result<()> {
         let name = entry.name.trim_start_matches('/');
-        let nlink = if entry.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
+        let nlink = if entry.mode & 0o170000 == S_IFDIR {
+            2
+        } else {
+            1
+        };
         self.header(name, entry.mode, nlink, entry.data.len(), entry.rdev)?;
         self.put(&entry.data)?;
         self.pad4()
@@ -109,10 +159,17 @@ pub fn read(mut bytes: &[u8]) -> io::Result<Vec<Entry>> {
             return Err(bad("bad cpio header"));
         }
         let field = |i: usize| -> io::Result<u32> {
-            let s = std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).map_err(|_| bad("non-ASCII header"))?;
+            let s = std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i])
+                .map_err(|_| bad("non-ASCII header"))?;
             u32::from_str_radix(s, 16).map_err(|_| bad("non-hex header field"))
         };
-        let (mode, size, rmaj, rmin, namesize) = (field(1)?, field(6)? as usize, field(9)?, field(10)?, field(11)? as usize);
+        let (mode, size, rmaj, rmin, namesize) = (
+            field(1)?,
+            field(6)? as usize,
+            field(9)?,
+            field(10)?,
+            field(11)? as usize,
+        );
         let pos = total - bytes.len();
         let name_end = 110 + namesize;
         if bytes.len() < name_end {
@@ -127,7 +184,12 @@ pub fn read(mut bytes: &[u8]) -> io::Result<Vec<Entry>> {
         if name == TRAILER {
             return Ok(entries);
         }
-        entries.push(Entry { name, mode, data: bytes[data_start..data_end].to_vec(), rdev: (rmaj, rmin) });
+        entries.push(Entry {
+            name,
+            mode,
+            data: bytes[data_start..data_end].to_vec(),
+            rdev: (rmaj, rmin),
+        });
         let next = data_end + (4 - (pos + data_end) % 4) % 4;
         bytes = &bytes[next.min(bytes.len())..];
     }
@@ -160,7 +222,8 @@ mod tests {
     #[test]
     fn header_layout_matches_the_kernel_format() {
         let mut w = Writer::new(Vec::new());
-        w.add(&Entry::char_dev("/dev/console", 0o600, 5, 1)).unwrap();
+        w.add(&Entry::char_dev("/dev/console", 0o600, 5, 1))
+            .unwrap();
         let bytes = w.finish().unwrap();
         let header = std::str::from_utf8(&bytes[..110]).unwrap();
         assert!(header.starts_with("070701"));

@@ -40,9 +40,13 @@ pub fn build(kernel: &Kernel) -> Result<PathBuf> {
     let init = fs::read(&init_path).with_context(|| format!("reading {}", init_path.display()))?;
     let hammer_path = build_fence_hammer(&root)?;
     let hammer = fs::read(&hammer_path)?;
-    check_static(&hammer).with_context(|| format!("{} must be statically linked", hammer_path.display()))?;
-    let busybox = fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (package busybox-static)"))?;
-    check_static(&busybox).with_context(|| format!("{BUSYBOX} must be the static busybox (package busybox-static)"))?;
+    check_static(&hammer)
+        .with_context(|| format!("{} must be statically linked", hammer_path.display()))?;
+    let busybox =
+        fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (package busybox-static)"))?;
+    check_static(&busybox).with_context(|| {
+        format!("{BUSYBOX} must be the static busybox (package busybox-static)")
+    })?;
 
     let key = image_key(&kernel.key, &init, &hammer, &busybox);
     let out_dir = paths::cache_dir().join("images");
@@ -59,12 +63,24 @@ pub fn build(kernel: &Kernel) -> Result<PathBuf> {
         let mut parent = Path::new(&e.name).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
             let name = p.to_string_lossy().into_owned();
-            entries.entry(name.clone()).or_insert_with(|| Entry::dir(&name, 0o755));
+            entries
+                .entry(name.clone())
+                .or_insert_with(|| Entry::dir(&name, 0o755));
             parent = p.parent();
         }
         entries.insert(e.name.clone(), e);
     };
-    for dir in ["bin", "dev", "proc", "sys", "sys/kernel/debug", "tmp", "run", "etc", "root"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "sys/kernel/debug",
+        "tmp",
+        "run",
+        "etc",
+        "root",
+    ] {
         add(Entry::dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 }));
     }
     add(Entry::char_dev("dev/console", 0o600, 5, 1));
@@ -85,10 +101,15 @@ pub fn build(kernel: &Kernel) -> Result<PathBuf> {
     fs::create_dir_all(&out_dir)?;
     let tmp = out.with_extension("partial");
     let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::default());
+    let gz = flate2::write::GzEncoder::new(
+        std::io::BufWriter::new(file),
+        flate2::Compression::default(),
+    );
     let mut writer = cpio::Writer::new(gz);
     for e in entries.values() {
-        writer.add(e).with_context(|| format!("writing {}", e.name))?;
+        writer
+            .add(e)
+            .with_context(|| format!("writing {}", e.name))?;
     }
     let mut buf = writer.finish()?.finish()?;
     buf.flush()?;
@@ -115,7 +136,11 @@ fn image_key(kernel_key: &str, init: &[u8], hammer: &[u8], busybox: &[u8]) -> St
 }
 
 fn human_size(bytes: u64) -> String {
-    if bytes >= 1 << 20 { format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20)) } else { format!("{:.1} KiB", bytes as f64 / 1024.0) }
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
 }
 
 /// Builds fence-hammer as a static binary in its own target folder (so the
@@ -123,13 +148,24 @@ fn human_size(bytes: u64) -> String {
 fn build_fence_hammer(root: &Path) -> Result<PathBuf> {
     let manifest = root.join("images/fence-hammer/Cargo.toml");
     if !manifest.is_file() {
-        bail!("the guest workload fence-hammer does not exist yet ({} is missing)", manifest.display());
+        bail!(
+            "the guest workload fence-hammer does not exist yet ({} is missing)",
+            manifest.display()
+        );
     }
     let target_dir = root.join("target/guest");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut c = Command::new(cargo);
     c.current_dir(root)
-        .args(["build", "--release", "--package", "fence-hammer", "--target", GUEST_TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "fence-hammer",
+            "--target",
+            GUEST_TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static")
         .env_remove("RUSTFLAGS");
@@ -142,7 +178,10 @@ fn build_fence_hammer(root: &Path) -> Result<PathBuf> {
     if !bin.is_file() {
         bail!("cargo built fence-hammer but {} is missing", bin.display());
     }
-    say(format!("fence-hammer built ({})", cmd::human_duration(t.elapsed())));
+    say(format!(
+        "fence-hammer built ({})",
+        cmd::human_duration(t.elapsed())
+    ));
     Ok(bin)
 }
 
@@ -163,7 +202,11 @@ fn check_static(elf: &[u8]) -> Result<()> {
     let (phentsize, phnum) = (u16_at(54) as usize, u16_at(56) as usize);
     for i in 0..phnum {
         let o = phoff + i * phentsize;
-        let p_type = u32::from_le_bytes(elf.get(o..o + 4).context("truncated program headers")?.try_into()?);
+        let p_type = u32::from_le_bytes(
+            elf.get(o..o + 4)
+                .context("truncated program headers")?
+                .try_into()?,
+        );
         if p_type == PT_INTERP {
             bail!("it is dynamically linked (has PT_INTERP)");
         }
@@ -194,7 +237,11 @@ fn tree_entries(dir: &Path, prefix: &str) -> Result<Vec<Entry>> {
             out.extend(tree_entries(&path, &inner)?);
         } else if meta.is_file() {
             use std::os::unix::fs::PermissionsExt;
-            out.push(Entry::file(&inner, meta.permissions().mode() & 0o777, fs::read(&path)?));
+            out.push(Entry::file(
+                &inner,
+                meta.permissions().mode() & 0o777,
+                fs::read(&path)?,
+            ));
         }
     }
     Ok(out)
@@ -233,7 +280,13 @@ mod tests {
     fn init_has_the_markers_the_host_greps() {
         let init = fs::read_to_string(paths::workspace_root().join("images/init")).unwrap();
         assert!(init.starts_with("#!/bin/busybox sh\n"));
-        for marker in ["FENCELAB_BOOT", "FENCELAB_CONFIG", "FENCELAB_WORKLOAD_START", "FENCELAB_WORKLOAD_END", "FENCELAB_ERROR"] {
+        for marker in [
+            "FENCELAB_BOOT",
+            "FENCELAB_CONFIG",
+            "FENCELAB_WORKLOAD_START",
+            "FENCELAB_WORKLOAD_END",
+            "FENCELAB_ERROR",
+        ] {
             assert!(init.contains(marker), "{marker}");
         }
     }

@@ -106,6 +106,9 @@ fn say(message: impl AsRef<str>) {
     eprintln!("kernel: {}", message.as_ref());
 }
 
+/// (file name, SHA-256 hex).
+type NamedHash = (String, String);
+
 /// A patch of the guest-driver series.
 #[derive(Debug, Clone)]
 struct Patch {
@@ -117,7 +120,7 @@ struct Patch {
 /// The guest-driver patch series, in order: `series` (one patch file name a
 /// line, `#` comments) if it exists, else every `*.patch` sorted by name.
 /// Also returns the key entries: the series file itself and every patch.
-fn read_series(dir: &Path) -> Result<(Vec<Patch>, Vec<(String, String)>)> {
+fn read_series(dir: &Path) -> Result<(Vec<Patch>, Vec<NamedHash>)> {
     let mut found = Vec::new();
     if dir.is_dir() {
         collect_patch_files(dir, dir, &mut found)?;
@@ -127,7 +130,8 @@ fn read_series(dir: &Path) -> Result<(Vec<Patch>, Vec<(String, String)>)> {
     let mut by_name = BTreeMap::new();
     let mut series_text = None;
     for rel in &found {
-        let bytes = fs::read(dir.join(rel)).with_context(|| format!("reading guest-driver/{rel}"))?;
+        let bytes =
+            fs::read(dir.join(rel)).with_context(|| format!("reading guest-driver/{rel}"))?;
         key_entries.push((rel.clone(), sha256_hex(&bytes)));
         if rel == "series" || rel.ends_with("/series") {
             series_text = Some((rel.clone(), String::from_utf8_lossy(&bytes).into_owned()));
@@ -139,17 +143,33 @@ fn read_series(dir: &Path) -> Result<(Vec<Patch>, Vec<(String, String)>)> {
         let sha = by_name
             .get(rel)
             .with_context(|| format!("guest-driver series names {rel}, which does not exist"))?;
-        Ok(Patch { name: rel.to_owned(), path: dir.join(rel), sha256: sha.clone() })
+        Ok(Patch {
+            name: rel.to_owned(),
+            path: dir.join(rel),
+            sha256: sha.clone(),
+        })
     };
     let patches = match series_text {
         Some((series_rel, text)) => {
-            let base = Path::new(&series_rel).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let base = Path::new(&series_rel)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
             series_entries(&text)
                 .into_iter()
-                .map(|name| if base.is_empty() { make(&name) } else { make(&format!("{base}/{name}")) })
+                .map(|name| {
+                    if base.is_empty() {
+                        make(&name)
+                    } else {
+                        make(&format!("{base}/{name}"))
+                    }
+                })
                 .collect::<Result<Vec<_>>>()?
         }
-        None => by_name.keys().map(|rel| make(rel)).collect::<Result<Vec<_>>>()?,
+        None => by_name
+            .keys()
+            .map(|rel| make(rel))
+            .collect::<Result<Vec<_>>>()?,
     };
     Ok((patches, key_entries))
 }
@@ -172,7 +192,12 @@ fn collect_patch_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         if name == "series" || name.ends_with(".patch") {
-            out.push(path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned());
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
     Ok(())
@@ -184,7 +209,8 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
     let root = paths::workspace_root();
     let kcache = paths::cache_dir().join("kernel");
     let fragment_path = root.join("images/kernel/fencelab.config");
-    let fragment = fs::read_to_string(&fragment_path).with_context(|| format!("reading {}", fragment_path.display()))?;
+    let fragment = fs::read_to_string(&fragment_path)
+        .with_context(|| format!("reading {}", fragment_path.display()))?;
     let (patches, patch_entries) = read_series(&root.join("guest-driver"))?;
     let inputs = KeyInputs {
         recipe: RECIPE_VERSION,
@@ -203,9 +229,18 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
         if let Some(kernel) = cached(&out)? {
             let cold = kernel
                 .cold_build_secs
-                .map(|s| format!("; its cold build took {}", cmd::human_duration(Duration::from_secs_f64(s))))
+                .map(|s| {
+                    format!(
+                        "; its cold build took {}",
+                        cmd::human_duration(Duration::from_secs_f64(s))
+                    )
+                })
                 .unwrap_or_default();
-            say(format!("cache hit {key16} ({}) in {}{cold}", kernel.release, cmd::human_duration(started.elapsed())));
+            say(format!(
+                "cache hit {key16} ({}) in {}{cold}",
+                kernel.release,
+                cmd::human_duration(started.elapsed())
+            ));
             return Ok(kernel);
         }
     }
@@ -213,7 +248,10 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
     if !args.force {
         // Another xtask may have built it while we waited for the lock.
         if let Some(kernel) = cached(&out)? {
-            say(format!("cache hit {key16} ({}) after waiting", kernel.release));
+            say(format!(
+                "cache hit {key16} ({}) after waiting",
+                kernel.release
+            ));
             return Ok(kernel);
         }
     }
@@ -229,22 +267,40 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
     prepare_source(toolchain, &kcache, &src, &build_dir, &patches)?;
     let log = kcache.join("logs").join(format!("{key16}.log"));
     let _ = fs::remove_file(&log);
-    let make = Make { toolchain, src: &src, build: &build_dir, log: &log };
+    let make = Make {
+        toolchain,
+        src: &src,
+        build: &build_dir,
+        log: &log,
+    };
 
     let config_started = Instant::now();
     configure(&make, &fragment)?;
-    say(format!("config ok ({}): {}", cmd::human_duration(config_started.elapsed()), build_dir.join(".config").display()));
+    say(format!(
+        "config ok ({}): {}",
+        cmd::human_duration(config_started.elapsed()),
+        build_dir.join(".config").display()
+    ));
 
     let cold = !build_dir.join("vmlinux").exists();
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    say(format!("building bzImage and modules with -j{jobs} ({}); log: {}", if cold { "cold" } else { "incremental" }, log.display()));
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    say(format!(
+        "building bzImage and modules with -j{jobs} ({}); log: {}",
+        if cold { "cold" } else { "incremental" },
+        log.display()
+    ));
     let build_started = Instant::now();
     let logged = Logged {
         every: Some(Duration::from_secs(15)),
         classify: compiled_object,
         ..Logged::new("kernel: building", &log)
     };
-    let stats = cmd::run_logged(make.command(&[&format!("-j{jobs}"), "bzImage", "modules"]), &logged)?;
+    let stats = cmd::run_logged(
+        make.command(&[&format!("-j{jobs}"), "bzImage", "modules"]),
+        &logged,
+    )?;
     let build_secs = build_started.elapsed().as_secs_f64();
     say(format!(
         "built in {} ({} objects compiled)",
@@ -260,18 +316,28 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
     let staging = kcache.join(format!("{key16}.partial"));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging)?;
-    fs::copy(build_dir.join("arch/x86/boot/bzImage"), staging.join("bzImage")).context("copying bzImage")?;
+    fs::copy(
+        build_dir.join("arch/x86/boot/bzImage"),
+        staging.join("bzImage"),
+    )
+    .context("copying bzImage")?;
     let config = fs::read(build_dir.join(".config"))?;
     fs::write(staging.join(".config"), &config)?;
     let mut install = make.command(&["modules_install"]);
-    install.arg(format!("INSTALL_MOD_PATH={}", staging.join("modules").display()));
+    install.arg(format!(
+        "INSTALL_MOD_PATH={}",
+        staging.join("modules").display()
+    ));
     if Path::new("/usr/sbin/depmod").exists() {
         install.arg("DEPMOD=/usr/sbin/depmod");
     }
     cmd::run_logged(install, &Logged::new("kernel: modules_install", &log))?;
     let modules_dir = staging.join("modules/lib/modules").join(&release);
     if !modules_dir.join("modules.dep").is_file() {
-        bail!("modules_install produced no {}", modules_dir.join("modules.dep").display());
+        bail!(
+            "modules_install produced no {}",
+            modules_dir.join("modules.dep").display()
+        );
     }
     let cold_build_secs = cold.then_some(build_secs);
     let record = BuildJson {
@@ -283,26 +349,44 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
         built_at: cmd::utc_now(),
         inputs,
     };
-    fs::write(staging.join("build.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+    fs::write(
+        staging.join("build.json"),
+        serde_json::to_string_pretty(&record)? + "\n",
+    )?;
     let _ = fs::remove_dir_all(&out);
-    fs::rename(&staging, &out).with_context(|| format!("moving the kernel into {}", out.display()))?;
+    fs::rename(&staging, &out)
+        .with_context(|| format!("moving the kernel into {}", out.display()))?;
     say(format!(
         "{} {key16} ({release}) in {}{}",
         out.display(),
         cmd::human_duration(started.elapsed()),
-        if cold { format!(", cold build {}", cmd::human_duration(Duration::from_secs_f64(build_secs))) } else { String::new() }
+        if cold {
+            format!(
+                ", cold build {}",
+                cmd::human_duration(Duration::from_secs_f64(build_secs))
+            )
+        } else {
+            String::new()
+        }
     ));
     cached(&out)?.context("the kernel just built is not readable from the cache")
 }
 
 fn last_line(text: &str) -> String {
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned()
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_owned()
 }
 
 /// The kernel in `<cache>/kernel/<key16>` if it is complete.
 fn cached(out: &Path) -> Result<Option<Kernel>> {
     let json = out.join("build.json");
-    let Ok(text) = fs::read_to_string(&json) else { return Ok(None) };
+    let Ok(text) = fs::read_to_string(&json) else {
+        return Ok(None);
+    };
     let record: BuildJson = match serde_json::from_str(&text) {
         Ok(r) => r,
         Err(e) => {
@@ -319,7 +403,9 @@ fn cached(out: &Path) -> Result<Option<Kernel>> {
         key: record.key,
         cold_build_secs: record.cold_build_secs,
     };
-    let complete = kernel.bzimage.is_file() && kernel.config_path.is_file() && kernel.modules_dir.join("modules.dep").is_file();
+    let complete = kernel.bzimage.is_file()
+        && kernel.config_path.is_file()
+        && kernel.modules_dir.join("modules.dep").is_file();
     Ok(complete.then_some(kernel))
 }
 
@@ -355,14 +441,26 @@ impl Make<'_> {
             .args(targets)
             .env("LIBCLANG_PATH", &tc.libclang_path);
         // Flags meant for cargo or an outer make must not leak into Kbuild.
-        for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARCH", "CROSS_COMPILE"] {
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "MAKEFLAGS",
+            "MFLAGS",
+            "MAKELEVEL",
+            "ARCH",
+            "CROSS_COMPILE",
+        ] {
             c.env_remove(var);
         }
         c
     }
 
     fn run(&self, targets: &[&str]) -> Result<()> {
-        cmd::run_logged(self.command(targets), &Logged::new("kernel: make", self.log)).map(drop)
+        cmd::run_logged(
+            self.command(targets),
+            &Logged::new("kernel: make", self.log),
+        )
+        .map(drop)
     }
 }
 
@@ -468,10 +566,13 @@ fn verify_config(fragment: &str, config: &str) -> Verification {
         let got = have.get(&sym).map(String::as_str).unwrap_or("n");
         if want == "n" {
             if got != "n" {
-                v.warnings.push(format!("{sym}={got} although the fragment switches it off"));
+                v.warnings
+                    .push(format!("{sym}={got} although the fragment switches it off"));
             }
         } else if got != want {
-            v.errors.push(format!("{sym}={want} wanted, the final .config has {sym}={got}"));
+            v.errors.push(format!(
+                "{sym}={want} wanted, the final .config has {sym}={got}"
+            ));
         }
     }
     v
@@ -491,13 +592,20 @@ struct SourceState {
 }
 
 /// Makes `src` the pristine tree plus `patches`, touching as few files as possible.
-fn prepare_source(tc: &Toolchain, kcache: &Path, src: &Path, build: &Path, patches: &[Patch]) -> Result<()> {
+fn prepare_source(
+    tc: &Toolchain,
+    kcache: &Path,
+    src: &Path,
+    build: &Path,
+    patches: &[Patch],
+) -> Result<()> {
     let state_path = kcache.join("src.json");
-    let state: Option<SourceState> = fs::read_to_string(&state_path).ok().and_then(|t| serde_json::from_str(&t).ok());
-    let same_base = state
-        .as_ref()
-        .is_some_and(|s| s.pristine == tc.linux_src && s.linux_package_version == tc.linux_package_version)
-        && src.join("Makefile").is_file();
+    let state: Option<SourceState> = fs::read_to_string(&state_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let same_base = state.as_ref().is_some_and(|s| {
+        s.pristine == tc.linux_src && s.linux_package_version == tc.linux_package_version
+    }) && src.join("Makefile").is_file();
     let mut state = match state {
         Some(s) if same_base => s,
         _ => {
@@ -519,11 +627,18 @@ fn prepare_source(tc: &Toolchain, kcache: &Path, src: &Path, build: &Path, patch
                 ..SourceState::default()
             };
             write_state(&state_path, &s)?;
-            say(format!("source tree {} ready ({})", src.display(), cmd::human_duration(t.elapsed())));
+            say(format!(
+                "source tree {} ready ({})",
+                src.display(),
+                cmd::human_duration(t.elapsed())
+            ));
             s
         }
     };
-    let wanted: Vec<(String, String)> = patches.iter().map(|p| (p.name.clone(), p.sha256.clone())).collect();
+    let wanted: Vec<(String, String)> = patches
+        .iter()
+        .map(|p| (p.name.clone(), p.sha256.clone()))
+        .collect();
     if state.applied == wanted {
         return Ok(());
     }
@@ -539,7 +654,8 @@ fn prepare_source(tc: &Toolchain, kcache: &Path, src: &Path, build: &Path, patch
     state.applied.clear();
     let mut touched: Vec<String> = Vec::new();
     for patch in patches {
-        let text = fs::read_to_string(&patch.path).with_context(|| format!("reading {}", patch.path.display()))?;
+        let text = fs::read_to_string(&patch.path)
+            .with_context(|| format!("reading {}", patch.path.display()))?;
         let files = patched_files(&text);
         touched.extend(files.iter().cloned());
         touched.sort();
@@ -553,7 +669,13 @@ fn prepare_source(tc: &Toolchain, kcache: &Path, src: &Path, build: &Path, patch
         let out = cmd::output_raw(
             Command::new("patch")
                 .current_dir(src)
-                .args(["-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i"])
+                .args([
+                    "-p1",
+                    "--forward",
+                    "--batch",
+                    "--no-backup-if-mismatch",
+                    "-i",
+                ])
                 .arg(&patch.path),
         )?;
         if !out.status.success() {
@@ -565,15 +687,22 @@ fn prepare_source(tc: &Toolchain, kcache: &Path, src: &Path, build: &Path, patch
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        state.applied.push((patch.name.clone(), patch.sha256.clone()));
+        state
+            .applied
+            .push((patch.name.clone(), patch.sha256.clone()));
         write_state(&state_path, &state)?;
     }
-    say(format!("applied {} patches ({} files touched)", patches.len(), state.touched.len()));
+    say(format!(
+        "applied {} patches ({} files touched)",
+        patches.len(),
+        state.touched.len()
+    ));
     Ok(())
 }
 
 fn write_state(path: &Path, state: &SourceState) -> Result<()> {
-    fs::write(path, serde_json::to_string_pretty(state)? + "\n").with_context(|| format!("writing {}", path.display()))
+    fs::write(path, serde_json::to_string_pretty(state)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Replaces a hard link into the pristine tree by a private copy of the file.
@@ -627,7 +756,8 @@ mod tests {
         let base = inputs();
         assert_eq!(base.key(), inputs().key());
         assert_eq!(base.key().len(), 64);
-        let variants: Vec<Box<dyn Fn(&mut KeyInputs)>> = vec![
+        type Change = Box<dyn Fn(&mut KeyInputs)>;
+        let variants: Vec<Change> = vec![
             Box::new(|i| i.recipe = 2),
             Box::new(|i| i.linux_package_version = "7.3.5-1~bpo13+1".into()),
             Box::new(|i| i.fragment_sha256 = sha256_hex(b"CONFIG_RUST=n\n")),
@@ -683,9 +813,17 @@ mod tests {
 
     #[test]
     fn the_fragment_parses() {
-        let text = fs::read_to_string(paths::workspace_root().join("images/kernel/fencelab.config")).unwrap();
+        let text =
+            fs::read_to_string(paths::workspace_root().join("images/kernel/fencelab.config"))
+                .unwrap();
         let m = parse_config(&text);
-        for sym in ["CONFIG_RUST", "CONFIG_KASAN", "CONFIG_PROVE_LOCKING", "CONFIG_IKCONFIG_PROC", "CONFIG_SW_SYNC"] {
+        for sym in [
+            "CONFIG_RUST",
+            "CONFIG_KASAN",
+            "CONFIG_PROVE_LOCKING",
+            "CONFIG_IKCONFIG_PROC",
+            "CONFIG_SW_SYNC",
+        ] {
             assert_eq!(m.get(sym).map(String::as_str), Some("y"), "{sym}");
         }
         assert_eq!(m["CONFIG_DRM_VIRTIO_GPU"], "m");
@@ -694,19 +832,34 @@ mod tests {
 
     #[test]
     fn objects_are_recognised() {
-        assert_eq!(compiled_object("  CC      drivers/gpu/drm/drm_file.o").as_deref(), Some("drivers/gpu/drm/drm_file.o"));
-        assert_eq!(compiled_object("  CC [M]  drivers/gpu/drm/virtio/virtgpu_drv.o").as_deref(), Some("drivers/gpu/drm/virtio/virtgpu_drv.o"));
-        assert_eq!(compiled_object("  RUSTC L rust/core.o").as_deref(), Some("rust/core.o"));
+        assert_eq!(
+            compiled_object("  CC      drivers/gpu/drm/drm_file.o").as_deref(),
+            Some("drivers/gpu/drm/drm_file.o")
+        );
+        assert_eq!(
+            compiled_object("  CC [M]  drivers/gpu/drm/virtio/virtgpu_drv.o").as_deref(),
+            Some("drivers/gpu/drm/virtio/virtgpu_drv.o")
+        );
+        assert_eq!(
+            compiled_object("  RUSTC L rust/core.o").as_deref(),
+            Some("rust/core.o")
+        );
         assert_eq!(compiled_object("  LD      vmlinux.o"), None);
         assert_eq!(compiled_object("make[1]: Entering directory"), None);
     }
 
     #[test]
     fn series_and_patched_files() {
-        assert_eq!(series_entries("# the series\n0001-a.patch\n\n0002-b.patch # why\n"), vec!["0001-a.patch", "0002-b.patch"]);
+        assert_eq!(
+            series_entries("# the series\n0001-a.patch\n\n0002-b.patch # why\n"),
+            vec!["0001-a.patch", "0002-b.patch"]
+        );
         let diff = "From x\n---\n--- a/rust/kernel/lib.rs\n+++ b/rust/kernel/lib.rs\n@@ -1 +1 @@\n\
                     --- /dev/null\n+++ b/rust/kernel/dma_fence.rs\n";
-        assert_eq!(patched_files(diff), vec!["rust/kernel/lib.rs", "rust/kernel/dma_fence.rs"]);
+        assert_eq!(
+            patched_files(diff),
+            vec!["rust/kernel/lib.rs", "rust/kernel/dma_fence.rs"]
+        );
     }
 
     #[test]
@@ -719,7 +872,10 @@ mod tests {
         fs::write(dir.join("patches/0002-a.patch"), "a").unwrap();
         fs::write(dir.join("patches/series"), "0002-a.patch\n0001-b.patch\n").unwrap();
         let (patches, entries) = read_series(&dir).unwrap();
-        assert_eq!(patches.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["patches/0002-a.patch", "patches/0001-b.patch"]);
+        assert_eq!(
+            patches.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["patches/0002-a.patch", "patches/0001-b.patch"]
+        );
         assert_eq!(entries.len(), 3);
         fs::write(dir.join("patches/series"), "0003-missing.patch\n").unwrap();
         assert!(read_series(&dir).is_err());

@@ -93,7 +93,8 @@ fn step(name: &str, outcome: impl AsRef<str>) {
 pub fn run() -> Result<Toolchain> {
     let started = Instant::now();
     let cache = paths::cache_dir();
-    fs::create_dir_all(&cache).with_context(|| format!("creating the cache {}", cache.display()))?;
+    fs::create_dir_all(&cache)
+        .with_context(|| format!("creating the cache {}", cache.display()))?;
     let _lock = FileLock::acquire(&cache.join("setup.lock"), "setup")?;
     let root = unsafe { libc::geteuid() } == 0;
     let logs = cache.join("logs");
@@ -110,7 +111,11 @@ pub fn run() -> Result<Toolchain> {
     // 2. apt packages (local check first).
     let missing_main = missing_packages(MAIN_PACKAGES)?;
     let qemu_ok = qemu_installed()?;
-    let mut apt = Apt { root, updated: false, log: logs.join("apt.log") };
+    let mut apt = Apt {
+        root,
+        updated: false,
+        log: logs.join("apt.log"),
+    };
     if suites_changed {
         apt.update()?;
     }
@@ -141,7 +146,8 @@ pub fn run() -> Result<Toolchain> {
     // Downloads and unpacking do not take dpkg's lock: run them next to apt-get install.
     let sources_job = {
         let cache = cache.clone();
-        let (linux_pkg_version, rust_src_version) = (linux_pkg_version.clone(), rust_src_version.clone());
+        let (linux_pkg_version, rust_src_version) =
+            (linux_pkg_version.clone(), rust_src_version.clone());
         std::thread::spawn(move || -> Result<(PathBuf, String, PathBuf)> {
             let (linux_src, linux_version) = ensure_linux_source(&cache, &linux_pkg_version)?;
             let rust_lib_src = ensure_rust_src(&cache, &rust_src_version)?;
@@ -154,26 +160,40 @@ pub fn run() -> Result<Toolchain> {
             step("apt packages (bookworm)", "ok (already present)");
         } else {
             apt.install(&missing_main, None)?;
-            step("apt packages (bookworm)", format!("ok (installed {})", missing_main.join(" ")));
+            step(
+                "apt packages (bookworm)",
+                format!("ok (installed {})", missing_main.join(" ")),
+            );
         }
         if qemu_ok {
-            step("qemu-system-x86 10 (bookworm-backports)", "ok (already present)");
+            step(
+                "qemu-system-x86 10 (bookworm-backports)",
+                "ok (already present)",
+            );
         } else {
             apt.install(&[QEMU_PACKAGE], Some("bookworm-backports"))?;
             if !qemu_installed()? {
-                bail!("{QEMU_PACKAGE} from bookworm-backports is not version 10 after installing it");
+                bail!(
+                    "{QEMU_PACKAGE} from bookworm-backports is not version 10 after installing it"
+                );
             }
             step("qemu-system-x86 10 (bookworm-backports)", "ok (installed)");
         }
         Ok(())
     })();
-    let sources = sources_job.join().map_err(|_| anyhow::anyhow!("source download thread panicked"))?;
+    let sources = sources_job
+        .join()
+        .map_err(|_| anyhow::anyhow!("source download thread panicked"))?;
     install_result?;
     let (linux_src, linux_version, rust_lib_src) = sources?;
-    let bindgen = bindgen_job.join().map_err(|_| anyhow::anyhow!("bindgen thread panicked"))??;
+    let bindgen = bindgen_job
+        .join()
+        .map_err(|_| anyhow::anyhow!("bindgen thread panicked"))??;
 
     // 4. Final facts (and a check that the tools run).
-    let clang_version = first_line(&cmd::stdout(Command::new(format!("clang{LLVM_SUFFIX}")).arg("--version"))?);
+    let clang_version = first_line(&cmd::stdout(
+        Command::new(format!("clang{LLVM_SUFFIX}")).arg("--version"),
+    )?);
     let bindgen_version = bindgen_version_of(&bindgen)?.context("bindgen --version failed")?;
     let qemu_version = first_line(&cmd::stdout(Command::new(QEMU).arg("--version"))?);
     check_vhost_user_gpu()?;
@@ -196,7 +216,11 @@ pub fn run() -> Result<Toolchain> {
         qemu_version,
         busybox: PathBuf::from(BUSYBOX),
     };
-    eprintln!("setup: done in {} ({})", cmd::human_duration(started.elapsed()), toolchain.summary());
+    eprintln!(
+        "setup: done in {} ({})",
+        cmd::human_duration(started.elapsed()),
+        toolchain.summary()
+    );
     Ok(toolchain)
 }
 
@@ -259,7 +283,9 @@ fn debian_mirror() -> String {
 fn mirror_from_deb822(text: &str) -> Option<String> {
     for stanza in text.split("\n\n") {
         let field = |name: &str| {
-            stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
         };
         let suites = field("Suites:").unwrap_or_default();
         if suites.split_whitespace().any(|s| s == "bookworm") {
@@ -293,17 +319,28 @@ Pin-Priority: 1\n";
 /// Writes the sources and preferences files if they differ; true if changed.
 fn ensure_apt_suites(root: bool) -> Result<bool> {
     let sources = sources_file_content(&debian_mirror());
-    let same = |path: &str, want: &str| fs::read_to_string(path).map(|t| t == want).unwrap_or(false);
+    let same =
+        |path: &str, want: &str| fs::read_to_string(path).map(|t| t == want).unwrap_or(false);
     if same(SOURCES_FILE, &sources) && same(PREFERENCES_FILE, PREFERENCES_CONTENT) {
-        step("apt suites bookworm-backports trixie-backports", "ok (already present)");
+        step(
+            "apt suites bookworm-backports trixie-backports",
+            "ok (already present)",
+        );
         return Ok(false);
     }
     if !root {
-        bail!("the apt suites bookworm-backports and trixie-backports are missing and setup is not root\n{}", manual_help());
+        bail!(
+            "the apt suites bookworm-backports and trixie-backports are missing and setup is not root\n{}",
+            manual_help()
+        );
     }
     fs::write(SOURCES_FILE, &sources).with_context(|| format!("writing {SOURCES_FILE}"))?;
-    fs::write(PREFERENCES_FILE, PREFERENCES_CONTENT).with_context(|| format!("writing {PREFERENCES_FILE}"))?;
-    step("apt suites bookworm-backports trixie-backports", format!("ok (added {SOURCES_FILE})"));
+    fs::write(PREFERENCES_FILE, PREFERENCES_CONTENT)
+        .with_context(|| format!("writing {PREFERENCES_FILE}"))?;
+    step(
+        "apt suites bookworm-backports trixie-backports",
+        format!("ok (added {SOURCES_FILE})"),
+    );
     Ok(true)
 }
 
@@ -312,11 +349,17 @@ fn ensure_apt_suites(root: bool) -> Result<bool> {
 /// Packages of `names` that dpkg does not report as installed.
 fn missing_packages(names: &[&str]) -> Result<Vec<String>> {
     let out = cmd::output_raw(
-        Command::new("dpkg-query").args(["-W", "-f", "${Package} ${Status}\n"]).args(names),
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Package} ${Status}\n"])
+            .args(names),
     )?;
     // Exit status 1 just means some names are unknown; those are missing too.
     let installed = installed_from_dpkg_query(&String::from_utf8_lossy(&out.stdout));
-    Ok(names.iter().filter(|n| !installed.iter().any(|i| i == *n)).map(|n| (*n).to_owned()).collect())
+    Ok(names
+        .iter()
+        .filter(|n| !installed.iter().any(|i| i == *n))
+        .map(|n| (*n).to_owned())
+        .collect())
 }
 
 /// Names whose status is `install ok installed` in `dpkg-query -W -f '${Package} ${Status}\n'` output.
@@ -328,9 +371,12 @@ fn installed_from_dpkg_query(text: &str) -> Vec<String> {
 }
 
 fn qemu_installed() -> Result<bool> {
-    let out = cmd::output_raw(
-        Command::new("dpkg-query").args(["-W", "-f", "${Status} ${Version}", QEMU_PACKAGE]),
-    )?;
+    let out = cmd::output_raw(Command::new("dpkg-query").args([
+        "-W",
+        "-f",
+        "${Status} ${Version}",
+        QEMU_PACKAGE,
+    ]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .strip_prefix("install ok installed ")
@@ -356,22 +402,36 @@ impl Apt {
             return Ok(());
         }
         if !self.root {
-            bail!("apt-get update is needed and setup is not root\n{}", manual_help());
+            bail!(
+                "apt-get update is needed and setup is not root\n{}",
+                manual_help()
+            );
         }
         let t = Instant::now();
         let mut c = self.command();
         c.arg("update");
-        cmd::run_logged(c, &Logged::new("setup: apt-get update", &self.log))
-            .map_err(|e| e.context(format!("apt-get update failed (network?)\n{}", manual_help())))?;
+        cmd::run_logged(c, &Logged::new("setup: apt-get update", &self.log)).map_err(|e| {
+            e.context(format!(
+                "apt-get update failed (network?)\n{}",
+                manual_help()
+            ))
+        })?;
         self.updated = true;
-        step("apt-get update", format!("ok ({})", cmd::human_duration(t.elapsed())));
+        step(
+            "apt-get update",
+            format!("ok ({})", cmd::human_duration(t.elapsed())),
+        );
         Ok(())
     }
 
     fn install(&self, packages: &[impl AsRef<str>], target: Option<&str>) -> Result<()> {
         let names: Vec<&str> = packages.iter().map(AsRef::as_ref).collect();
         if !self.root {
-            bail!("apt packages missing and setup is not root: {}\n{}", names.join(" "), manual_help());
+            bail!(
+                "apt packages missing and setup is not root: {}\n{}",
+                names.join(" "),
+                manual_help()
+            );
         }
         let mut c = self.command();
         c.args(["install", "-y", "--no-install-recommends"]);
@@ -379,9 +439,16 @@ impl Apt {
             c.args(["-t", t]);
         }
         c.args(&names);
-        let logged = Logged { every: Some(Duration::from_secs(20)), ..Logged::new("setup: apt-get install", &self.log) };
+        let logged = Logged {
+            every: Some(Duration::from_secs(20)),
+            ..Logged::new("setup: apt-get install", &self.log)
+        };
         cmd::run_logged(c, &logged).map_err(|e| {
-            e.context(format!("apt-get install {} failed\n{}", names.join(" "), manual_help()))
+            e.context(format!(
+                "apt-get install {} failed\n{}",
+                names.join(" "),
+                manual_help()
+            ))
         })?;
         Ok(())
     }
@@ -401,7 +468,9 @@ fn check_vhost_user_gpu() -> Result<()> {
 
 fn rustc_version() -> Result<String> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
-    Ok(first_line(&cmd::stdout(Command::new(rustc).arg("--version"))?))
+    Ok(first_line(&cmd::stdout(
+        Command::new(rustc).arg("--version"),
+    )?))
 }
 
 /// `apt-cache madison` lines as (version, where) pairs.
@@ -424,31 +493,47 @@ fn parse_madison(text: &str) -> Vec<(String, String)> {
 
 /// True if `origin` (madison's third column) is from `suite` exactly.
 fn origin_in_suite(origin: &str, suite: &str) -> bool {
-    origin.split_whitespace().any(|w| w == suite || w.starts_with(&format!("{suite}/")))
+    origin
+        .split_whitespace()
+        .any(|w| w == suite || w.starts_with(&format!("{suite}/")))
 }
 
 /// The newest version of `package` in `suite` (madison lists newest first).
 fn newest_in_suite(package: &str, suite: &str) -> Result<Option<String>> {
-    Ok(madison(package)?.into_iter().find(|(_, o)| origin_in_suite(o, suite)).map(|(v, _)| v))
+    Ok(madison(package)?
+        .into_iter()
+        .find(|(_, o)| origin_in_suite(o, suite))
+        .map(|(v, _)| v))
 }
 
 /// The upstream part of a Debian version: no epoch, no revision, no `+dfsg`/`~` suffix.
 fn upstream_version(debian_version: &str) -> &str {
-    let no_epoch = debian_version.split_once(':').map_or(debian_version, |(_, v)| v);
+    let no_epoch = debian_version
+        .split_once(':')
+        .map_or(debian_version, |(_, v)| v);
     let no_rev = no_epoch.rsplit_once('-').map_or(no_epoch, |(v, _)| v);
-    let end = no_rev.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(no_rev.len());
+    let end = no_rev
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(no_rev.len());
     &no_rev[..end]
 }
 
 /// The `x.y.z` of `rustc x.y.z (hash date)`.
 fn rustc_semver(rustc_version: &str) -> Option<&str> {
-    rustc_version.split_whitespace().nth(1).map(|v| v.split('-').next().unwrap_or(v))
+    rustc_version
+        .split_whitespace()
+        .nth(1)
+        .map(|v| v.split('-').next().unwrap_or(v))
 }
 
 /// The Debian `rust-src` version (from madison output) whose upstream equals rustc's.
 fn matching_rust_src(rustc_version: &str, madison: &[(String, String)]) -> Option<String> {
     let want = rustc_semver(rustc_version)?;
-    madison.iter().map(|(v, _)| v).find(|v| upstream_version(v) == want).cloned()
+    madison
+        .iter()
+        .map(|(v, _)| v)
+        .find(|v| upstream_version(v) == want)
+        .cloned()
 }
 
 fn rust_src_version_for(rustc_version: &str) -> Result<Option<String>> {
@@ -459,7 +544,9 @@ fn rust_src_version_for(rustc_version: &str) -> Result<Option<String>> {
 
 /// `apt-get download package=version` into a fresh folder; the .deb's path.
 fn download_deb(cache: &Path, package: &str, version: &str) -> Result<PathBuf> {
-    let dir = cache.join("downloads").join(format!("{package}_{}", sanitize(version)));
+    let dir = cache
+        .join("downloads")
+        .join(format!("{package}_{}", sanitize(version)));
     if let Some(deb) = find_deb(&dir)? {
         return Ok(deb);
     }
@@ -467,10 +554,19 @@ fn download_deb(cache: &Path, package: &str, version: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
     let mut c = Command::new("apt-get");
-    c.current_dir(&partial).args(["download", &format!("{package}={version}")]);
+    c.current_dir(&partial)
+        .args(["download", &format!("{package}={version}")]);
     let log = cache.join("logs").join(format!("download-{package}.log"));
-    cmd::run_logged(c, &Logged::new(&format!("setup: apt-get download {package}"), &log))
-        .map_err(|e| e.context(format!("downloading {package} {version} failed (network?)\n{}", manual_help())))?;
+    cmd::run_logged(
+        c,
+        &Logged::new(&format!("setup: apt-get download {package}"), &log),
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "downloading {package} {version} failed (network?)\n{}",
+            manual_help()
+        ))
+    })?;
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&partial, &dir)?;
     find_deb(&dir)?.with_context(|| format!("apt-get download left no .deb in {}", dir.display()))
@@ -490,7 +586,16 @@ fn find_deb(dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 fn sanitize(version: &str) -> String {
-    version.chars().map(|c| if c.is_ascii_alphanumeric() || ".+-_".contains(c) { c } else { '_' }).collect()
+    version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || ".+-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `<cache>/linux-source-7.3.<x>/`, unpacked from the package; (path, upstream version).
@@ -499,7 +604,9 @@ fn ensure_linux_source(cache: &Path, package_version: &str) -> Result<(PathBuf, 
     let dir = cache.join(format!("linux-source-{upstream}"));
     let stamp = cache.join(format!("linux-source-{upstream}.package-version"));
     let what = format!("{LINUX_SOURCE_PACKAGE} {package_version} (trixie-backports)");
-    if dir.join("Makefile").is_file() && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package_version) {
+    if dir.join("Makefile").is_file()
+        && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == package_version)
+    {
         step(&what, format!("ok (already present: {})", dir.display()));
         return Ok((dir, upstream));
     }
@@ -513,12 +620,23 @@ fn ensure_linux_source(cache: &Path, package_version: &str) -> Result<(PathBuf, 
     let tarball = fs::read_dir(debroot.join("usr/src"))
         .with_context(|| format!("{} holds no usr/src", deb.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("linux-source-") && n.to_string_lossy().contains(".tar")))
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with("linux-source-")
+                    && n.to_string_lossy().contains(".tar")
+            })
+        })
         .with_context(|| format!("no linux-source-*.tar.* in {}", deb.display()))?;
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
-    cmd::stdout(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&tree))
-        .with_context(|| format!("unpacking {}", tarball.display()))?;
+    cmd::stdout(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&tree),
+    )
+    .with_context(|| format!("unpacking {}", tarball.display()))?;
     let top = fs::read_dir(&tree)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.join("Makefile").is_file())
@@ -527,7 +645,14 @@ fn ensure_linux_source(cache: &Path, package_version: &str) -> Result<(PathBuf, 
     fs::rename(&top, &dir).with_context(|| format!("moving the tree to {}", dir.display()))?;
     fs::write(&stamp, format!("{package_version}\n"))?;
     fs::remove_dir_all(&work)?;
-    step(&what, format!("ok (unpacked into {} in {})", dir.display(), cmd::human_duration(t.elapsed())));
+    step(
+        &what,
+        format!(
+            "ok (unpacked into {} in {})",
+            dir.display(),
+            cmd::human_duration(t.elapsed())
+        ),
+    );
     Ok((dir, upstream))
 }
 
@@ -537,7 +662,10 @@ fn ensure_rust_src(cache: &Path, package_version: &str) -> Result<PathBuf> {
     let library = dir.join("usr/lib/rustlib/src/rust/library");
     let what = format!("rust-src {package_version} (trixie-backports)");
     if library.join("core/src/lib.rs").is_file() {
-        step(&what, format!("ok (already present: {})", library.display()));
+        step(
+            &what,
+            format!("ok (already present: {})", library.display()),
+        );
         return Ok(library);
     }
     let deb = download_deb(cache, "rust-src", package_version)?;
@@ -547,7 +675,10 @@ fn ensure_rust_src(cache: &Path, package_version: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&partial, &dir)?;
     if !library.join("core/src/lib.rs").is_file() {
-        bail!("{} does not contain usr/lib/rustlib/src/rust/library/core", deb.display());
+        bail!(
+            "{} does not contain usr/lib/rustlib/src/rust/library/core",
+            deb.display()
+        );
     }
     step(&what, format!("ok (unpacked into {})", dir.display()));
     Ok(library)
@@ -559,7 +690,11 @@ fn bindgen_version_of(bindgen: &Path) -> Result<Option<String>> {
     if !bindgen.is_file() {
         return Ok(None);
     }
-    let out = cmd::output_raw(Command::new(bindgen).arg("--version").env("LIBCLANG_PATH", LIBCLANG_PATH))?;
+    let out = cmd::output_raw(
+        Command::new(bindgen)
+            .arg("--version")
+            .env("LIBCLANG_PATH", LIBCLANG_PATH),
+    )?;
     Ok(Some(first_line(&String::from_utf8_lossy(&out.stdout))).filter(|l| !l.is_empty()))
 }
 
@@ -567,21 +702,45 @@ fn ensure_bindgen(cache: &Path) -> Result<PathBuf> {
     let root = cache.join("tools");
     let bindgen = root.join("bin").join("bindgen");
     let what = format!("bindgen-cli {BINDGEN_VERSION}");
-    if bindgen_version_of(&bindgen)?.is_some_and(|v| v.split_whitespace().any(|w| w == BINDGEN_VERSION)) {
+    if bindgen_version_of(&bindgen)?
+        .is_some_and(|v| v.split_whitespace().any(|w| w == BINDGEN_VERSION))
+    {
         step(&what, "ok (already present)");
         return Ok(bindgen);
     }
     let t = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut c = Command::new(cargo);
-    c.args(["install", "bindgen-cli", "--version", BINDGEN_VERSION, "--locked", "--force", "--root"])
-        .arg(&root)
-        .env("LIBCLANG_PATH", LIBCLANG_PATH);
+    c.args([
+        "install",
+        "bindgen-cli",
+        "--version",
+        BINDGEN_VERSION,
+        "--locked",
+        "--force",
+        "--root",
+    ])
+    .arg(&root)
+    .env("LIBCLANG_PATH", LIBCLANG_PATH);
     let log = cache.join("logs").join("bindgen-install.log");
-    let logged = Logged { every: Some(Duration::from_secs(60)), ..Logged::new("setup: cargo install bindgen-cli", &log) };
-    cmd::run_logged(c, &logged)
-        .map_err(|e| e.context(format!("cargo install bindgen-cli failed (crates.io reachable?)\n{}", manual_help())))?;
-    step(&what, format!("ok (installed into {} in {})", root.display(), cmd::human_duration(t.elapsed())));
+    let logged = Logged {
+        every: Some(Duration::from_secs(60)),
+        ..Logged::new("setup: cargo install bindgen-cli", &log)
+    };
+    cmd::run_logged(c, &logged).map_err(|e| {
+        e.context(format!(
+            "cargo install bindgen-cli failed (crates.io reachable?)\n{}",
+            manual_help()
+        ))
+    })?;
+    step(
+        &what,
+        format!(
+            "ok (installed into {} in {})",
+            root.display(),
+            cmd::human_duration(t.elapsed())
+        ),
+    );
     Ok(bindgen)
 }
 
@@ -609,8 +768,14 @@ mod tests {
         assert_eq!(madison.len(), 4);
         let v = matching_rust_src("rustc 1.95.0 (59807616e 2026-04-14)", &madison);
         assert_eq!(v.as_deref(), Some("1.95.0+dfsg1-1~bpo13+1"));
-        assert_eq!(matching_rust_src("rustc 1.95.1 (x 2026-05-01)", &madison), None);
-        assert_eq!(matching_rust_src("rustc 1.9.0 (x 2016-05-01)", &madison), None);
+        assert_eq!(
+            matching_rust_src("rustc 1.95.1 (x 2026-05-01)", &madison),
+            None
+        );
+        assert_eq!(
+            matching_rust_src("rustc 1.9.0 (x 2016-05-01)", &madison),
+            None
+        );
         assert_eq!(
             matching_rust_src("rustc 1.96.1-nightly (x 2026-05-01)", &madison).as_deref(),
             Some("1.96.1+dfsg1-1~bpo13+1")
@@ -622,22 +787,34 @@ mod tests {
         let o = "http://deb.debian.org/debian trixie-backports/main all Packages";
         assert!(origin_in_suite(o, "trixie-backports"));
         assert!(!origin_in_suite(o, "trixie"));
-        assert!(!origin_in_suite("http://deb.debian.org/debian bookworm-backports/main amd64 Packages", "bookworm"));
+        assert!(!origin_in_suite(
+            "http://deb.debian.org/debian bookworm-backports/main amd64 Packages",
+            "bookworm"
+        ));
     }
 
     #[test]
     fn dpkg_query_status() {
         let text = "clang-19 install ok installed\nflex unknown ok not-installed\nlibssl-dev:amd64 install ok installed\n";
-        assert_eq!(installed_from_dpkg_query(text), vec!["clang-19", "libssl-dev"]);
+        assert_eq!(
+            installed_from_dpkg_query(text),
+            vec!["clang-19", "libssl-dev"]
+        );
     }
 
     #[test]
     fn mirror_is_taken_from_debian_sources() {
         let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
                     Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
-        assert_eq!(mirror_from_deb822(text).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_from_deb822(text).as_deref(),
+            Some("http://mirror.example/debian")
+        );
         assert_eq!(mirror_from_deb822(""), None);
-        assert!(sources_file_content("http://m/debian").contains("Suites: bookworm-backports trixie-backports\n"));
+        assert!(
+            sources_file_content("http://m/debian")
+                .contains("Suites: bookworm-backports trixie-backports\n")
+        );
         assert!(!sources_file_content("http://m/debian").contains("Suites: trixie\n"));
     }
 }
