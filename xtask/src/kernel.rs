@@ -884,3 +884,101 @@ mod tests {
         assert!(none.is_empty() && entries.is_empty());
     }
 }
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    fn toolchain(pristine: &Path) -> Toolchain {
+        Toolchain {
+            linux_src: pristine.to_owned(),
+            linux_version: "7.3.4".into(),
+            linux_package_version: "7.3.4-1~bpo13+1".into(),
+            rust_lib_src: PathBuf::new(),
+            rust_src_package_version: String::new(),
+            rustc_version: String::new(),
+            bindgen: PathBuf::new(),
+            bindgen_version: String::new(),
+            llvm_suffix: "-19".into(),
+            clang_version: String::new(),
+            libclang_path: PathBuf::new(),
+            qemu: PathBuf::new(),
+            qemu_version: String::new(),
+            busybox: PathBuf::new(),
+        }
+    }
+
+    fn patch(dir: &Path, name: &str, text: &str) -> Patch {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        Patch {
+            name: name.into(),
+            path,
+            sha256: sha256_hex(text.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn patches_apply_to_a_copy_and_are_swapped_incrementally() {
+        let base = std::env::temp_dir().join(format!("fencelab-src-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let pristine = base.join("pristine");
+        fs::create_dir_all(pristine.join("lib")).unwrap();
+        fs::write(pristine.join("Makefile"), "all:\n").unwrap();
+        fs::write(pristine.join("lib/a.c"), "one\n").unwrap();
+        fs::write(pristine.join("lib/b.c"), "bee\n").unwrap();
+        let tc = toolchain(&pristine);
+        let kcache = base.join("kernel");
+        let (src, build) = (kcache.join("src"), kcache.join("build"));
+
+        let p1 = patch(
+            &base,
+            "0001-a.patch",
+            "--- a/lib/a.c\n+++ b/lib/a.c\n@@ -1 +1 @@\n-one\n+two\n\
+             --- /dev/null\n+++ b/lib/new.c\n@@ -0,0 +1 @@\n+new\n",
+        );
+        prepare_source(&tc, &kcache, &src, &build, std::slice::from_ref(&p1)).unwrap();
+        assert_eq!(fs::read_to_string(src.join("lib/a.c")).unwrap(), "two\n");
+        assert_eq!(fs::read_to_string(src.join("lib/new.c")).unwrap(), "new\n");
+        assert_eq!(
+            fs::read_to_string(pristine.join("lib/a.c")).unwrap(),
+            "one\n",
+            "pristine untouched"
+        );
+        assert!(!pristine.join("lib/new.c").exists());
+
+        // Same series again: nothing changes.
+        prepare_source(&tc, &kcache, &src, &build, std::slice::from_ref(&p1)).unwrap();
+        assert_eq!(fs::read_to_string(src.join("lib/a.c")).unwrap(), "two\n");
+
+        // Another series: a.c and new.c are restored, b.c is patched.
+        let p2 = patch(
+            &base,
+            "0001-b.patch",
+            "--- a/lib/b.c\n+++ b/lib/b.c\n@@ -1 +1 @@\n-bee\n+wasp\n",
+        );
+        prepare_source(&tc, &kcache, &src, &build, std::slice::from_ref(&p2)).unwrap();
+        assert_eq!(fs::read_to_string(src.join("lib/a.c")).unwrap(), "one\n");
+        assert!(!src.join("lib/new.c").exists());
+        assert_eq!(fs::read_to_string(src.join("lib/b.c")).unwrap(), "wasp\n");
+        assert_eq!(
+            fs::read_to_string(pristine.join("lib/b.c")).unwrap(),
+            "bee\n",
+            "pristine untouched"
+        );
+
+        // A patch that does not apply names itself.
+        let bad = patch(
+            &base,
+            "0002-bad.patch",
+            "--- a/lib/a.c\n+++ b/lib/a.c\n@@ -1 +1 @@\n-zzz\n+yyy\n",
+        );
+        let err = prepare_source(&tc, &kcache, &src, &build, &[p2.clone(), bad]).unwrap_err();
+        assert!(format!("{err:#}").contains("0002-bad.patch"), "{err:#}");
+        // …and the next run recovers.
+        prepare_source(&tc, &kcache, &src, &build, &[]).unwrap();
+        assert_eq!(fs::read_to_string(src.join("lib/b.c")).unwrap(), "bee\n");
+        assert_eq!(fs::read_to_string(src.join("lib/a.c")).unwrap(), "one\n");
+        fs::remove_dir_all(&base).unwrap();
+    }
+}
