@@ -674,6 +674,7 @@ fn prepare_source(
                     "--forward",
                     "--batch",
                     "--no-backup-if-mismatch",
+                    "--reject-file=-",
                     "-i",
                 ])
                 .arg(&patch.path),
@@ -975,6 +976,7 @@ mod source_tests {
         );
         let err = prepare_source(&tc, &kcache, &src, &build, &[p2.clone(), bad]).unwrap_err();
         assert!(format!("{err:#}").contains("0002-bad.patch"), "{err:#}");
+        assert!(!src.join("lib/a.c.rej").exists());
         // …and the next run recovers.
         prepare_source(&tc, &kcache, &src, &build, &[]).unwrap();
         assert_eq!(fs::read_to_string(src.join("lib/b.c")).unwrap(), "bee\n");
