@@ -3,6 +3,7 @@
 //! Serves one vhost-user frontend connection, then prints a summary and
 //! exits. SIGTERM/SIGINT print the summary too.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -64,7 +65,8 @@ fn print_summary(stats: &Stats, pending: usize) {
         let mut summary = stats.summary();
         summary["fences_pending"] = pending.into();
         info!(%summary, "summary");
-        eprintln!("fencelab-device: summary {summary}");
+        // Not eprintln!: it panics when stderr is gone, and this must not.
+        let _ = writeln!(std::io::stderr(), "fencelab-device: summary {summary}");
     });
 }
 
