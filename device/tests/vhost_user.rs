@@ -1,0 +1,327 @@
+//! Drives the real backend through the vhost-user protocol, as QEMU would:
+//! a `vhost::Frontend` over a unix socket, guest memory in a memfd, and a
+//! split virtqueue written by hand in that memory.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fencelab_device::backend::{self, FencelabGpu};
+use fencelab_device::protocol::*;
+use fencelab_device::stats::Stats;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Address, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const GPA: u64 = 0x10_0000;
+const MEM_SIZE: usize = 0x10_0000;
+const QSIZE: u16 = 16;
+const DESC: u64 = GPA;
+const AVAIL: u64 = GPA + 0x1000;
+const USED: u64 = GPA + 0x2000;
+const DATA: u64 = GPA + 0x1_0000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// The driver side of one split virtqueue in test memory.
+struct Driver {
+    mem: GuestMemoryMmap,
+    next_desc: u16,
+    avail_idx: u16,
+    data: u64,
+}
+
+impl Driver {
+    fn alloc(&mut self, len: usize) -> u64 {
+        let at = self.data;
+        self.data += (len as u64 + 15) & !15;
+        at
+    }
+
+    fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
+        let i = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QSIZE;
+        let at = GuestAddress(DESC + u64::from(i) * 16);
+        let next = (i + 1) % QSIZE;
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        i
+    }
+
+    /// Posts a chain: one readable descriptor per part, then a writable
+    /// response buffer of `resp_len` bytes (none when 0). Returns the
+    /// response buffer's address.
+    fn post(&mut self, parts: &[&[u8]], resp_len: u32) -> u64 {
+        let mut head = None;
+        let n = parts.len() + usize::from(resp_len > 0);
+        let mut resp_addr = 0;
+        for (k, p) in parts.iter().enumerate() {
+            let addr = self.alloc(p.len());
+            self.mem.write_slice(p, GuestAddress(addr)).unwrap();
+            let last = k + 1 == n;
+            let d = self.desc(addr, p.len() as u32, if last { 0 } else { F_NEXT });
+            head.get_or_insert(d);
+        }
+        if resp_len > 0 {
+            resp_addr = self.alloc(resp_len as usize);
+            let d = self.desc(resp_addr, resp_len, F_WRITE);
+            head.get_or_insert(d);
+        }
+        let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
+        self.mem.write_obj(head.unwrap(), slot).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        resp_addr
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// (descriptor id, written length) of used entry `i`.
+    fn used(&self, i: u16) -> (u32, u32) {
+        let at = GuestAddress(USED + 4 + u64::from(i % QSIZE) * 8);
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    fn wait_used(&self, n: u16) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx() < n {
+            assert!(
+                Instant::now() < deadline,
+                "used idx stuck at {} waiting for {n}",
+                self.used_idx()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        Instant::now()
+    }
+
+    fn resp_hdr(&self, addr: u64) -> CtrlHdr {
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+}
+
+fn memfd_memory() -> GuestMemoryMmap {
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"fencelab-test".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(GPA),
+        MEM_SIZE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("fencelab-{name}-{}.sock", std::process::id()))
+}
+
+fn submit(hdr: CtrlHdr, payload: &[u8]) -> Vec<u8> {
+    let mut v = hdr.as_slice().to_vec();
+    let b = CmdSubmit {
+        size: payload.len() as u32,
+        padding: 0,
+    };
+    v.extend_from_slice(b.as_slice());
+    v
+}
+
+#[test]
+fn serves_a_frontend_like_qemu() {
+    let path = socket_path("serve");
+    let stats = Arc::new(Stats::new());
+    let latency = Duration::from_millis(20);
+    let gpu = Arc::new(FencelabGpu::new(latency, stats.clone()).unwrap());
+    let mut listener = backend::bind(&path).unwrap();
+    let server = {
+        let gpu = gpu.clone();
+        thread::spawn(move || backend::serve(&mut listener, gpu))
+    };
+
+    let mut fe = Frontend::connect(&path, 2).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << VIRTIO_GPU_F_VIRGL), 0);
+    assert_ne!(features & (1 << VIRTIO_GPU_F_EDID), 0);
+    // Like a driver without EVENT_IDX: every used entry is signalled.
+    fe.set_features(features & !(1 << 29)).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
+    fe.set_protocol_features(proto).unwrap();
+    fe.set_owner().unwrap();
+    let (_, cfg) = fe
+        .get_config(0, 16, VhostUserConfigFlags::empty(), &[0u8; 16])
+        .unwrap();
+    let cfg: GpuConfig = read_struct(&cfg).unwrap();
+    assert_eq!(cfg.num_capsets, 0);
+
+    let mem = memfd_memory();
+    let region = mem.find_region(GuestAddress(GPA)).unwrap();
+    let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+        .unwrap();
+
+    let mut drv = Driver {
+        mem: mem.clone(),
+        next_desc: 0,
+        avail_idx: 0,
+        data: DATA,
+    };
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host + (DESC - GPA),
+            used_ring_addr: host + (USED - GPA),
+            avail_ring_addr: host + (AVAIL - GPA),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+
+    // The startup race: a request posted and kicked before the ring is
+    // enabled must be served once it is.
+    let info = drv.post(
+        &[CtrlHdr {
+            type_: CMD_GET_DISPLAY_INFO,
+            ..CtrlHdr::default()
+        }
+        .as_slice()],
+        408,
+    );
+    kick.write(1).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(drv.used_idx(), 0, "served before the ring was enabled");
+    fe.set_vring_enable(0, true).unwrap();
+    drv.wait_used(1);
+    assert_eq!(drv.used(0), (0, 408));
+    let di: RespDisplayInfo = mem.read_obj(GuestAddress(info)).unwrap();
+    assert_eq!(di.hdr.type_, RESP_OK_DISPLAY_INFO);
+    assert_eq!((di.pmodes[0].r.width, di.pmodes[0].enabled), (1024, 1));
+    assert!(call.read().unwrap() >= 1, "guest was notified");
+
+    // A context, then a fenced SUBMIT_3D with header, payload and response
+    // in separate descriptors, as Linux sends it.
+    let ctx = CtrlHdr {
+        type_: CMD_CTX_CREATE,
+        ctx_id: 1,
+        ..CtrlHdr::default()
+    };
+    let r = drv.post(&[ctx.as_slice(), CtxCreate::default().as_slice()], 24);
+    kick.write(1).unwrap();
+    drv.wait_used(2);
+    assert_eq!(drv.resp_hdr(r).type_, RESP_OK_NODATA);
+
+    let work = Duration::from_millis(30);
+    let payload = fencelab_stream::encode(&[fencelab_stream::Op::Work {
+        ns: work.as_nanos() as u64,
+    }]);
+    let fenced = CtrlHdr {
+        type_: CMD_SUBMIT_3D,
+        flags: VIRTIO_GPU_FLAG_FENCE,
+        fence_id: 41,
+        ctx_id: 1,
+        ..CtrlHdr::default()
+    };
+    let start = Instant::now();
+    let r = drv.post(&[&submit(fenced, &payload), &payload], 24);
+    kick.write(1).unwrap();
+    let done = drv.wait_used(3);
+    assert!(
+        done.duration_since(start) >= latency + work,
+        "fence completed after {:?}, before latency + WORK",
+        done.duration_since(start)
+    );
+    let h = drv.resp_hdr(r);
+    assert_eq!(h.type_, RESP_OK_NODATA);
+    assert_eq!(
+        (h.flags, h.fence_id, h.ctx_id),
+        (VIRTIO_GPU_FLAG_FENCE, 41, 1)
+    );
+
+    // Malformed: a SUBMIT_3D whose size lies, and a chain with nowhere to
+    // put the response. Both come back; the first with an error.
+    let mut lying = submit(fenced, b"abc");
+    lying[24..28].copy_from_slice(&1000u32.to_le_bytes());
+    let r = drv.post(&[&lying, b"abc"], 24);
+    let no_resp = CtrlHdr {
+        type_: CMD_GET_DISPLAY_INFO,
+        ..CtrlHdr::default()
+    };
+    drv.post(&[no_resp.as_slice()], 0);
+    kick.write(1).unwrap();
+    drv.wait_used(5);
+    assert_eq!(drv.resp_hdr(r).type_, RESP_ERR_INVALID_PARAMETER);
+    assert_eq!(
+        drv.resp_hdr(r).fence_id,
+        41,
+        "error still carries the fence"
+    );
+    let lens: Vec<u32> = (3..5).map(|i| drv.used(i).1).collect();
+    assert!(lens.contains(&24) && lens.contains(&0), "{lens:?}");
+
+    drop(fe);
+    server.join().unwrap().unwrap();
+    let (submitted, completed) = stats.fences();
+    // The lying SUBMIT_3D was fenced too: its error completes the fence.
+    assert_eq!((submitted, completed), (2, 2));
+    assert_eq!(stats.count("SUBMIT_3D"), 1);
+    assert_eq!(stats.count("MALFORMED"), 1);
+    assert_eq!(stats.count("GET_DISPLAY_INFO"), 2);
+    assert_eq!(stats.errors(), 1);
+    assert!(
+        !path.exists(),
+        "socket removed when the listener is dropped"
+    );
+}
+
+#[test]
+fn stale_socket_is_replaced_and_live_one_refused() {
+    let path = socket_path("stale");
+    // A stale socket: bound, then its owner went away.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let listener = backend::bind(&path).unwrap();
+    let err = backend::bind(&path).err().expect("bind refused");
+    assert!(
+        format!("{err:#}").contains("another process is listening"),
+        "{err:#}"
+    );
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+
+    std::fs::write(&path, b"not a socket").unwrap();
+    let err = backend::bind(&path).err().expect("bind refused");
+    assert!(format!("{err:#}").contains("not a socket"), "{err:#}");
+    std::fs::remove_file(&path).unwrap();
+}
