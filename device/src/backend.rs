@@ -435,7 +435,12 @@ impl VhostUserBackend for FencelabGpu {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // RESET_DEVICE: without it QEMU does not tell the backend when the
+        // guest resets the device (driver unbind/reload), and the next driver
+        // instance finds the old one's resources and contexts still there.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {
