@@ -256,7 +256,12 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
         }
     }
     say(format!(
-        "cache miss {key16}: building Linux {} ({} patches) in {}",
+        "{} {key16}: building Linux {} ({} patches) in {}",
+        if args.force {
+            "rebuilding (--force)"
+        } else {
+            "cache miss"
+        },
         toolchain.linux_version,
         patches.len(),
         kcache.join("build").display()
@@ -339,7 +344,16 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
             modules_dir.join("modules.dep").display()
         );
     }
-    let cold_build_secs = cold.then_some(build_secs);
+    // A forced, incremental rebuild of the same key keeps the cold time on record.
+    let previous_cold = fs::read_to_string(out.join("build.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<BuildJson>(&t).ok())
+        .and_then(|r| r.cold_build_secs);
+    let cold_build_secs = if cold {
+        Some(build_secs)
+    } else {
+        previous_cold
+    };
     let record = BuildJson {
         key: key.clone(),
         kernel_release: release.clone(),
