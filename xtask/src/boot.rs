@@ -2,7 +2,9 @@
 //! fencelab-device on a private socket; boot QEMU; run the workload; read the
 //! kernel's verdict from the console; stop everything; report.
 
-use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
+use crate::console::{
+    self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER,
+};
 use crate::qemu::{Accel, GuestSpec};
 use crate::report::{DeviceSummary, GuestResult, KernelInfo, Summary};
 use crate::supervise::{Supervised, was_interrupted};
@@ -80,7 +82,10 @@ pub fn run(args: &BootArgs) -> Result<()> {
     let summary = execute(args)?;
     crate::report::print(&summary, args.json);
     if !summary.ok {
-        bail!("boot failed: {}", summary.failures.join("; "));
+        bail!(
+            "boot failed: {} failure(s), listed above as FAILURE lines",
+            summary.failures.len()
+        );
     }
     Ok(())
 }
@@ -126,13 +131,15 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     };
     fs::write(run_dir.join("qemu.cmdline"), shell_words(&spec))?;
 
-    step(format!("booting QEMU ({:?}, {} vCPUs, {} MiB)", args.accel, args.cpus, args.memory_mib));
+    step(format!(
+        "booting QEMU ({:?}, {} vCPUs, {} MiB)",
+        args.accel, args.cpus, args.memory_mib
+    ));
     let qemu_log = run_dir.join("qemu.log");
     let mut command = spec.command();
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(
+        File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?,
+    );
     let boot_started = Instant::now();
     let mut qemu = Supervised::spawn("QEMU", command).context(
         "cannot start qemu-system-x86_64: is it installed? `cargo xtask setup` installs it from bookworm-backports",
@@ -142,7 +149,14 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let tracker = ConsoleTracker::start(stdout, &console_log, boot_started, args.console)?;
 
     let mut failures = Vec::new();
-    supervise(args, &mut qemu, &mut device, &device_log, &tracker, &mut failures)?;
+    supervise(
+        args,
+        &mut qemu,
+        &mut device,
+        &device_log,
+        &tracker,
+        &mut failures,
+    )?;
     let qemu_status = qemu.stop(Duration::from_secs(5))?;
     let device_status = match device.wait_for(Duration::from_secs(10))? {
         Some(status) => status,
@@ -157,7 +171,12 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let device_summary = DeviceSummary::from_log(&device_log);
 
     let guest = judge_guest(args, &report, &mut failures);
-    judge_device(&device_summary, guest.as_ref(), device_status.success(), &mut failures);
+    judge_device(
+        &device_summary,
+        guest.as_ref(),
+        device_status.success(),
+        &mut failures,
+    );
 
     Ok(Summary::new(
         args,
@@ -201,16 +220,24 @@ fn supervise(
             if tracker.marks().workload_ended && qemu.wait_for(Duration::from_secs(5))?.is_some() {
                 return Ok(());
             }
+            let stage = if tracker.marks().workload_started.is_some() {
+                "while the workload ran"
+            } else {
+                "before the workload started"
+            };
             failures.push(format!(
-                "fencelab-device exited mid-run ({status}); QEMU was stopped. Last lines of {}:\n{}",
+                "fencelab-device exited {stage} ({status}); QEMU was stopped. Device log: {}{}",
                 device_log.display(),
-                tail(device_log, 15)
+                indented(&tail_without_debug(device_log, 5))
             ));
             return Ok(());
         }
         let elapsed = started.elapsed();
         if elapsed > timeout {
-            failures.push(format!("the guest did not finish within {} s (--timeout-secs)", args.timeout_secs));
+            failures.push(format!(
+                "the guest did not finish within {} s (--timeout-secs)",
+                args.timeout_secs
+            ));
             return Ok(());
         }
         if elapsed >= next_progress {
@@ -222,7 +249,11 @@ fn supervise(
             } else {
                 "booting"
             };
-            step(format!("guest {stage}, {} s, {} console lines", elapsed.as_secs(), marks.lines));
+            step(format!(
+                "guest {stage}, {} s, {} console lines",
+                elapsed.as_secs(),
+                marks.lines
+            ));
             next_progress += Duration::from_secs(15);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -230,15 +261,27 @@ fn supervise(
 }
 
 /// Reads the guest result and checks what issue 2's contract requires.
-fn judge_guest(args: &BootArgs, report: &ConsoleReport, failures: &mut Vec<String>) -> Option<GuestResult> {
-    failures.extend(report.init_errors.iter().map(|e| format!("guest init: {e}")));
+fn judge_guest(
+    args: &BootArgs,
+    report: &ConsoleReport,
+    failures: &mut Vec<String>,
+) -> Option<GuestResult> {
+    failures.extend(
+        report
+            .init_errors
+            .iter()
+            .map(|e| format!("guest init: {e}")),
+    );
     for splat in &report.splats {
         failures.push(format!("kernel splat: {}", splat.summary()));
     }
     for key in ["CONFIG_RUST", "CONFIG_KASAN", "CONFIG_PROVE_LOCKING"] {
         match report.guest_config.get(key).map(String::as_str) {
             Some("y") => {}
-            other => failures.push(format!("guest /proc/config.gz: {key}={}", other.unwrap_or("<missing>"))),
+            other => failures.push(format!(
+                "guest /proc/config.gz: {key}={}",
+                other.unwrap_or("<missing>")
+            )),
         }
     }
     let Some(json) = report.result_json.as_deref() else {
@@ -264,7 +307,10 @@ fn judge_guest(args: &BootArgs, report: &ConsoleReport, failures: &mut Vec<Strin
         ));
     }
     if guest.fences_submitted != u64::from(args.fences) {
-        failures.push(format!("fence-hammer submitted {} fences, {} requested", guest.fences_submitted, args.fences));
+        failures.push(format!(
+            "fence-hammer submitted {} fences, {} requested",
+            guest.fences_submitted, args.fences
+        ));
     }
     if guest.fences_signaled != guest.fences_submitted || guest.fence_errors != 0 {
         failures.push(format!(
@@ -281,7 +327,12 @@ fn judge_guest(args: &BootArgs, report: &ConsoleReport, failures: &mut Vec<Strin
 }
 
 /// Cross-checks the device's own accounting against the guest's counts.
-fn judge_device(device: &Option<DeviceSummary>, guest: Option<&GuestResult>, exited_ok: bool, failures: &mut Vec<String>) {
+fn judge_device(
+    device: &Option<DeviceSummary>,
+    guest: Option<&GuestResult>,
+    exited_ok: bool,
+    failures: &mut Vec<String>,
+) {
     let Some(device) = device else {
         failures.push("fencelab-device printed no summary line".into());
         return;
@@ -319,7 +370,9 @@ fn build_device() -> Result<PathBuf> {
 }
 
 fn new_run_dir(workload: &str) -> Result<PathBuf> {
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let dir = paths::runs_dir().join(format!("{stamp}-{workload}-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
@@ -353,14 +406,21 @@ impl Drop for SocketDir {
 }
 
 fn start_device(binary: &Path, socket: &Path, latency: &str, log: &Path) -> Result<Supervised> {
-    step(format!("starting fencelab-device (latency {latency}), log {}", log.display()));
+    step(format!(
+        "starting fencelab-device (latency {latency}), log {}",
+        log.display()
+    ));
     let mut command = Command::new(binary);
     command
         .arg("--socket")
         .arg(socket)
         .arg("--latency")
         .arg(latency)
-        .env("RUST_LOG", std::env::var("FENCELAB_DEVICE_LOG").unwrap_or_else(|_| "info,fencelab_device=debug".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("FENCELAB_DEVICE_LOG")
+                .unwrap_or_else(|_| "info,fencelab_device=debug".into()),
+        )
         .stdin(Stdio::null())
         .stdout(File::create(log).with_context(|| format!("creating {}", log.display()))?)
         .stderr(File::options().append(true).open(log)?);
@@ -374,11 +434,18 @@ fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result
             return Ok(());
         }
         if let Some(status) = device.try_status()? {
-            bail!("fencelab-device exited before listening ({status}):\n{}", tail(log, 15));
+            bail!(
+                "fencelab-device exited before listening ({status}):\n{}",
+                tail(log, 15)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    bail!("fencelab-device did not create {} within 10 s:\n{}", socket.display(), tail(log, 15))
+    bail!(
+        "fencelab-device did not create {} within 10 s:\n{}",
+        socket.display(),
+        tail(log, 15)
+    )
 }
 
 /// The last `n` lines of a log file, for error messages.
@@ -388,9 +455,28 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The last `n` lines of the device log above debug level: what it said
+/// about its own state, without the per-fence chatter.
+fn tail_without_debug(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn indented(text: &str) -> String {
+    text.lines().map(|l| format!("\n    {l}")).collect()
+}
+
 fn shell_words(spec: &GuestSpec) -> String {
     let mut words = vec![crate::qemu::QEMU.to_owned()];
-    words.extend(spec.args().into_iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }));
+    words.extend(
+        spec.args()
+            .into_iter()
+            .map(|a| if a.contains(' ') { format!("'{a}'") } else { a }),
+    );
     words.join(" ") + "\n"
 }
 
@@ -411,7 +497,12 @@ struct ConsoleTracker {
 }
 
 impl ConsoleTracker {
-    fn start(stdout: std::process::ChildStdout, log: &Path, since: Instant, echo: bool) -> Result<Self> {
+    fn start(
+        stdout: std::process::ChildStdout,
+        log: &Path,
+        since: Instant,
+        echo: bool,
+    ) -> Result<Self> {
         let mut file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let marks = Arc::new(Mutex::new(Marks::default()));
         let shared = marks.clone();

@@ -25,28 +25,94 @@ struct SplatClass {
 
 /// Ordered so that the more specific class wins (KASAN before generic `BUG:`).
 const SPLAT_CLASSES: &[SplatClass] = &[
-    SplatClass { name: "kasan", needle: "BUG: KASAN:" },
-    SplatClass { name: "ubsan", needle: "UBSAN:" },
-    SplatClass { name: "lockdep-circular", needle: "possible circular locking dependency detected" },
-    SplatClass { name: "lockdep-recursive", needle: "possible recursive locking detected" },
-    SplatClass { name: "lockdep-inconsistent", needle: "inconsistent lock state" },
-    SplatClass { name: "lockdep-irq-unsafe", needle: "-unsafe lock order detected" },
-    SplatClass { name: "lockdep-bad-unlock", needle: "bad unlock balance detected" },
-    SplatClass { name: "lockdep-held-at-exit", needle: "lock held when returning to user space" },
-    SplatClass { name: "suspicious-rcu", needle: "suspicious RCU usage" },
-    SplatClass { name: "sleep-in-atomic", needle: "BUG: sleeping function called from invalid context" },
-    SplatClass { name: "scheduling-while-atomic", needle: "BUG: scheduling while atomic" },
-    SplatClass { name: "soft-lockup", needle: "BUG: soft lockup" },
-    SplatClass { name: "rcu-stall", needle: "rcu: INFO: rcu_" },
-    SplatClass { name: "rcu-stall", needle: "self-detected stall on CPU" },
-    SplatClass { name: "hung-task", needle: "blocked for more than" },
-    SplatClass { name: "kernel-bug", needle: "kernel BUG at" },
-    SplatClass { name: "gpf", needle: "general protection fault" },
-    SplatClass { name: "oops", needle: "Oops:" },
-    SplatClass { name: "bug", needle: "BUG: " },
-    SplatClass { name: "warning", needle: "WARNING: " },
-    SplatClass { name: "panic", needle: "Kernel panic - not syncing" },
-    SplatClass { name: "rust-panic", needle: "rust_kernel: panicked" },
+    SplatClass {
+        name: "kasan",
+        needle: "BUG: KASAN:",
+    },
+    SplatClass {
+        name: "ubsan",
+        needle: "UBSAN:",
+    },
+    SplatClass {
+        name: "lockdep-circular",
+        needle: "possible circular locking dependency detected",
+    },
+    SplatClass {
+        name: "lockdep-recursive",
+        needle: "possible recursive locking detected",
+    },
+    SplatClass {
+        name: "lockdep-inconsistent",
+        needle: "inconsistent lock state",
+    },
+    SplatClass {
+        name: "lockdep-irq-unsafe",
+        needle: "-unsafe lock order detected",
+    },
+    SplatClass {
+        name: "lockdep-bad-unlock",
+        needle: "bad unlock balance detected",
+    },
+    SplatClass {
+        name: "lockdep-held-at-exit",
+        needle: "lock held when returning to user space",
+    },
+    SplatClass {
+        name: "suspicious-rcu",
+        needle: "suspicious RCU usage",
+    },
+    SplatClass {
+        name: "sleep-in-atomic",
+        needle: "BUG: sleeping function called from invalid context",
+    },
+    SplatClass {
+        name: "scheduling-while-atomic",
+        needle: "BUG: scheduling while atomic",
+    },
+    SplatClass {
+        name: "soft-lockup",
+        needle: "BUG: soft lockup",
+    },
+    SplatClass {
+        name: "rcu-stall",
+        needle: "rcu: INFO: rcu_",
+    },
+    SplatClass {
+        name: "rcu-stall",
+        needle: "self-detected stall on CPU",
+    },
+    SplatClass {
+        name: "hung-task",
+        needle: "blocked for more than",
+    },
+    SplatClass {
+        name: "kernel-bug",
+        needle: "kernel BUG at",
+    },
+    SplatClass {
+        name: "gpf",
+        needle: "general protection fault",
+    },
+    SplatClass {
+        name: "oops",
+        needle: "Oops:",
+    },
+    SplatClass {
+        name: "bug",
+        needle: "BUG: ",
+    },
+    SplatClass {
+        name: "warning",
+        needle: "WARNING: ",
+    },
+    SplatClass {
+        name: "panic",
+        needle: "Kernel panic - not syncing",
+    },
+    SplatClass {
+        name: "rust-panic",
+        needle: "rust_kernel: panicked",
+    },
 ];
 
 /// When, relative to the workload, a splat appeared.
@@ -74,7 +140,13 @@ pub struct Splat {
 impl Splat {
     /// One-line description used in the `splats` list of the summary.
     pub fn summary(&self) -> String {
-        format!("[{}] {} ({}, console line {})", self.class, self.title, phase_name(self.phase), self.line)
+        format!(
+            "[{}] {} ({}, console line {})",
+            self.class,
+            self.title,
+            phase_name(self.phase),
+            self.line
+        )
     }
 }
 
@@ -105,7 +177,10 @@ fn strip_timestamp(line: &str) -> &str {
     let trimmed = line.trim_start();
     if let Some(rest) = trimmed.strip_prefix('[')
         && let Some(end) = rest.find(']')
-        && rest[..end].trim().chars().all(|c| c.is_ascii_digit() || c == '.')
+        && rest[..end]
+            .trim()
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.')
     {
         return rest[end + 1..].trim_start();
     }
@@ -114,7 +189,10 @@ fn strip_timestamp(line: &str) -> &str {
 
 /// Classifies one console line as the start of a splat, if it is one.
 fn classify(line: &str) -> Option<&'static str> {
-    SPLAT_CLASSES.iter().find(|c| line.contains(c.needle)).map(|c| c.name)
+    SPLAT_CLASSES
+        .iter()
+        .find(|c| line.contains(c.needle))
+        .map(|c| c.name)
 }
 
 /// Parses a complete console log.
@@ -143,7 +221,10 @@ pub fn parse(console: &str) -> ConsoleReport {
             continue;
         }
         if let Some(rest) = line.strip_prefix(WORKLOAD_END_MARKER) {
-            report.workload_exit = rest.trim().strip_prefix("rc=").and_then(|rc| rc.parse().ok());
+            report.workload_exit = rest
+                .trim()
+                .strip_prefix("rc=")
+                .and_then(|rc| rc.parse().ok());
             phase = Phase::Shutdown;
             continue;
         }
@@ -221,7 +302,10 @@ FENCELAB_WORKLOAD_END rc=0
     fn finds_kasan_during_workload_once() {
         let report = parse(KASAN_DURING);
         assert_eq!(report.booted_release.as_deref(), Some("7.3.4"));
-        assert_eq!(report.guest_config.get("CONFIG_RUST").map(String::as_str), Some("y"));
+        assert_eq!(
+            report.guest_config.get("CONFIG_RUST").map(String::as_str),
+            Some("y")
+        );
         assert!(report.workload_started);
         assert_eq!(report.workload_exit, Some(0));
         assert_eq!(report.result_json.as_deref(), Some("{\"ok\":true}"));
@@ -229,7 +313,11 @@ FENCELAB_WORKLOAD_END rc=0
         let splat = &report.splats[0];
         assert_eq!(splat.class, "kasan");
         assert_eq!(splat.phase, Phase::Workload);
-        assert!(splat.title.starts_with("BUG: KASAN: slab-use-after-free in dma_fence_signal"));
+        assert!(
+            splat
+                .title
+                .starts_with("BUG: KASAN: slab-use-after-free in dma_fence_signal")
+        );
         assert!(splat.excerpt.iter().any(|l| l.contains("Read of size 8")));
     }
 
@@ -266,13 +354,31 @@ FENCELAB_WORKLOAD_START workload=smoke
 
         let cases = [
             ("[ 5.0] WARNING: suspicious RCU usage", "suspicious-rcu"),
-            ("[ 5.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", "rcu-stall"),
-            ("[ 5.0] INFO: task fence-hammer:80 blocked for more than 122 seconds.", "hung-task"),
-            ("[ 5.0] Oops: general protection fault, probably for non-canonical address", "gpf"),
+            (
+                "[ 5.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+                "rcu-stall",
+            ),
+            (
+                "[ 5.0] INFO: task fence-hammer:80 blocked for more than 122 seconds.",
+                "hung-task",
+            ),
+            (
+                "[ 5.0] Oops: general protection fault, probably for non-canonical address",
+                "gpf",
+            ),
             ("[ 5.0] Oops: 0000 [#1] PREEMPT SMP KASAN", "oops"),
-            ("[ 5.0] BUG: sleeping function called from invalid context at kernel/locking/mutex.c:580", "sleep-in-atomic"),
-            ("[ 5.0] Kernel panic - not syncing: Fatal exception", "panic"),
-            ("[ 5.0] kernel BUG at drivers/dma-buf/dma-fence.c:100!", "kernel-bug"),
+            (
+                "[ 5.0] BUG: sleeping function called from invalid context at kernel/locking/mutex.c:580",
+                "sleep-in-atomic",
+            ),
+            (
+                "[ 5.0] Kernel panic - not syncing: Fatal exception",
+                "panic",
+            ),
+            (
+                "[ 5.0] kernel BUG at drivers/dma-buf/dma-fence.c:100!",
+                "kernel-bug",
+            ),
         ];
         for (line, class) in cases {
             let report = parse(line);
@@ -291,7 +397,10 @@ FENCELAB_ERROR modprobe virtio_gpu failed
 ";
         let report = parse(log);
         assert!(report.splats.is_empty(), "{:?}", report.splats);
-        assert_eq!(report.init_errors, vec!["FENCELAB_ERROR modprobe virtio_gpu failed"]);
+        assert_eq!(
+            report.init_errors,
+            vec!["FENCELAB_ERROR modprobe virtio_gpu failed"]
+        );
         assert!(!report.workload_started);
         assert!(report.result_json.is_none());
     }

@@ -18,6 +18,7 @@ mod test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, boot and test fencelab", version)]
@@ -40,9 +41,21 @@ enum Command {
     Test(test::TestArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole context chain on one line; a backtrace
+            // would only show xtask's own frames, not the failing tool's.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Setup => setup::run().map(drop),
         Command::Kernel(args) => {
             let toolchain = setup::run()?;

@@ -120,22 +120,34 @@ mod tests {
     }
 
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
     fn memory_is_shared_memfd_backing_the_machine() {
         let args = spec().args();
         assert_eq!(value_after(&args, "-machine"), ["q35,memory-backend=mem"]);
-        assert_eq!(value_after(&args, "-object"), ["memory-backend-memfd,id=mem,size=2048M,share=on"]);
+        assert_eq!(
+            value_after(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=2048M,share=on"]
+        );
         assert_eq!(value_after(&args, "-m"), ["2048M"]);
     }
 
     #[test]
     fn gpu_is_vhost_user_on_the_backend_socket() {
         let args = spec().args();
-        assert_eq!(value_after(&args, "-chardev"), ["socket,id=vgpu,path=/r/gpu.sock"]);
-        assert_eq!(value_after(&args, "-device"), ["vhost-user-gpu-pci,chardev=vgpu"]);
+        assert_eq!(
+            value_after(&args, "-chardev"),
+            ["socket,id=vgpu,path=/r/gpu.sock"]
+        );
+        assert_eq!(
+            value_after(&args, "-device"),
+            ["vhost-user-gpu-pci,chardev=vgpu"]
+        );
         assert_eq!(value_after(&args, "-display"), ["none"]);
     }
 

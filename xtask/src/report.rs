@@ -157,7 +157,14 @@ impl Summary {
 /// Prints the table (and the JSON line when asked) to stdout.
 pub fn print(summary: &Summary, json: bool) {
     let rows: Vec<(&str, String)> = vec![
-        ("result", if summary.ok { "PASS".into() } else { "FAIL".into() }),
+        (
+            "result",
+            if summary.ok {
+                "PASS".into()
+            } else {
+                "FAIL".into()
+            },
+        ),
         ("workload", summary.workload.clone()),
         ("fences submitted", summary.fences_submitted.to_string()),
         ("fences signaled", summary.fences_signaled.to_string()),
@@ -167,23 +174,55 @@ pub fn print(summary: &Summary, json: bool) {
         ("fences/s", format!("{:.0}", summary.fences_per_s)),
         (
             "round trip µs",
-            format!("p50 {} · p99 {} · max {}", summary.rtt_us.p50, summary.rtt_us.p99, summary.rtt_us.max),
+            format!(
+                "p50 {} · p99 {} · max {}",
+                summary.rtt_us.p50, summary.rtt_us.p99, summary.rtt_us.max
+            ),
         ),
         (
             "device fences",
             summary.device.as_ref().map_or("no summary".into(), |d| {
-                format!("{} submitted, {} completed", d.fences_submitted, d.fences_completed)
+                format!(
+                    "{} submitted, {} completed",
+                    d.fences_submitted, d.fences_completed
+                )
             }),
         ),
-        ("splats", if summary.splats.is_empty() { "none".into() } else { summary.splats.join("\n") }),
-        ("boot → result", summary.boot_to_result_ms.map_or("-".into(), |ms| format!("{ms} ms"))),
-        ("prepare (setup+build)", format!("{:.1} s", summary.prepare_secs)),
-        ("kernel", format!("{} (config {})", summary.kernel.release, short(&summary.kernel.config_sha256))),
+        (
+            "splats",
+            if summary.splats.is_empty() {
+                "none".into()
+            } else {
+                summary.splats.join("\n")
+            },
+        ),
+        (
+            "boot → result",
+            summary
+                .boot_to_result_ms
+                .map_or("-".into(), |ms| format!("{ms} ms")),
+        ),
+        (
+            "prepare (setup+build)",
+            format!("{:.1} s", summary.prepare_secs),
+        ),
+        (
+            "kernel",
+            format!(
+                "{} (config {})",
+                summary.kernel.release,
+                short(&summary.kernel.config_sha256)
+            ),
+        ),
         ("accel", format!("{:?}", summary.accel).to_lowercase()),
         ("run folder", summary.run_dir.display().to_string()),
         ("reproduce", summary.reproduce.clone()),
     ];
-    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     for (key, value) in rows {
         let mut lines = value.lines();
         println!("{key:>width$}  {}", lines.next().unwrap_or(""));
@@ -197,7 +236,9 @@ pub fn print(summary: &Summary, json: bool) {
     if json {
         match serde_json::to_string(summary) {
             Ok(line) => println!("{line}"),
-            Err(error) => println!("{{\"ok\":false,\"failures\":[\"summary not serialisable: {error}\"]}}"),
+            Err(error) => {
+                println!("{{\"ok\":false,\"failures\":[\"summary not serialisable: {error}\"]}}")
+            }
         }
     }
 }

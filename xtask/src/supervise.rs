@@ -32,7 +32,11 @@ impl Supervised {
         let child = command
             .spawn()
             .with_context(|| format!("cannot start {name} ({:?})", command.get_program()))?;
-        Ok(Self { name, child, status: None })
+        Ok(Self {
+            name,
+            child,
+            status: None,
+        })
     }
 
     /// The child's stdout, if it was piped and not yet taken.
@@ -43,7 +47,10 @@ impl Supervised {
     /// The exit status if the child has exited, without blocking.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| format!("waiting for {}", self.name))?;
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.name))?;
         }
         Ok(self.status)
     }
@@ -71,8 +78,13 @@ impl Supervised {
         if let Some(status) = self.wait_for(grace)? {
             return Ok(status);
         }
-        self.child.kill().with_context(|| format!("killing {}", self.name))?;
-        let status = self.child.wait().with_context(|| format!("reaping {}", self.name))?;
+        self.child
+            .kill()
+            .with_context(|| format!("killing {}", self.name))?;
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("reaping {}", self.name))?;
         self.status = Some(status);
         Ok(status)
     }

@@ -25,7 +25,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let summary = boot::execute(&boot_args)?;
     crate::report::print(&summary, false);
     if !summary.ok {
-        bail!("boot smoke test failed: {}", summary.failures.join("; "));
+        println!("boot smoke: 0 passed, 1 failed");
+        bail!(
+            "boot smoke test failed: {} failure(s), listed above as FAILURE lines",
+            summary.failures.len()
+        );
     }
     println!("boot smoke: 1 passed, 0 failed");
     Ok(())
@@ -34,7 +38,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
 fn unit_tests() -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
-    command.args(["test", "--workspace"]).current_dir(paths::workspace_root());
+    command
+        .args(["test", "--workspace"])
+        .current_dir(paths::workspace_root());
     // CI must test exactly the dependency versions that were committed.
     if std::env::var_os("CI").is_some() {
         command.arg("--locked");
