@@ -41,7 +41,11 @@ pub enum Op {
     /// Occupy the simulated GPU for `ns` nanoseconds before the fence may complete.
     Work { ns: u64 },
     /// Write `value` at `offset` into the backing of `resource` before the fence completes.
-    Write { resource: u32, offset: u64, value: u64 },
+    Write {
+        resource: u32,
+        offset: u64,
+        value: u64,
+    },
     /// A deadline hint: the guest wants `fence` signaled within `ns` nanoseconds.
     Deadline { fence: u64, ns: u64 },
     /// Answer the command with the given `VIRTIO_GPU_RESP_ERR_*` code.
@@ -77,11 +81,28 @@ pub enum DecodeError {
     #[error("unsupported stream version {0} (this build reads version {VERSION})")]
     Version(u32),
     #[error("op {index} at byte {offset}: truncated ({need} bytes needed, {have} left)")]
-    Truncated { index: usize, offset: usize, need: usize, have: usize },
+    Truncated {
+        index: usize,
+        offset: usize,
+        need: usize,
+        have: usize,
+    },
     #[error("op {index} at byte {offset}: unknown opcode {opcode:#x}")]
-    UnknownOp { index: usize, offset: usize, opcode: u32 },
-    #[error("op {index} at byte {offset}: opcode {opcode:#x} takes {want} bytes of arguments, header says {got}")]
-    BadLength { index: usize, offset: usize, opcode: u32, want: usize, got: u32 },
+    UnknownOp {
+        index: usize,
+        offset: usize,
+        opcode: u32,
+    },
+    #[error(
+        "op {index} at byte {offset}: opcode {opcode:#x} takes {want} bytes of arguments, header says {got}"
+    )]
+    BadLength {
+        index: usize,
+        offset: usize,
+        opcode: u32,
+        want: usize,
+        got: u32,
+    },
     #[error("stream has more than {MAX_OPS} ops")]
     TooManyOps,
 }
@@ -101,7 +122,11 @@ pub fn encode(ops: &[Op]) -> Vec<u8> {
         let mut args = Vec::with_capacity(24);
         match *op {
             Op::Work { ns } => args.extend_from_slice(&ns.to_le_bytes()),
-            Op::Write { resource, offset, value } => {
+            Op::Write {
+                resource,
+                offset,
+                value,
+            } => {
                 args.extend_from_slice(&resource.to_le_bytes());
                 args.extend_from_slice(&0u32.to_le_bytes());
                 args.extend_from_slice(&offset.to_le_bytes());
@@ -140,27 +165,54 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Op>, DecodeError> {
         }
         let have = payload.len() - offset;
         if have < 8 {
-            return Err(DecodeError::Truncated { index, offset, need: 8, have });
+            return Err(DecodeError::Truncated {
+                index,
+                offset,
+                need: 8,
+                have,
+            });
         }
         let opcode = u32_at(payload, offset);
         let len = u32_at(payload, offset + 4);
-        let want = Op::args_len(opcode).ok_or(DecodeError::UnknownOp { index, offset, opcode })?;
+        let want = Op::args_len(opcode).ok_or(DecodeError::UnknownOp {
+            index,
+            offset,
+            opcode,
+        })?;
         if len as usize != want {
-            return Err(DecodeError::BadLength { index, offset, opcode, want, got: len });
+            return Err(DecodeError::BadLength {
+                index,
+                offset,
+                opcode,
+                want,
+                got: len,
+            });
         }
         if have - 8 < want {
-            return Err(DecodeError::Truncated { index, offset, need: 8 + want, have });
+            return Err(DecodeError::Truncated {
+                index,
+                offset,
+                need: 8 + want,
+                have,
+            });
         }
         let a = offset + 8;
         let op = match opcode {
-            OP_WORK => Op::Work { ns: u64_at(payload, a) },
+            OP_WORK => Op::Work {
+                ns: u64_at(payload, a),
+            },
             OP_WRITE => Op::Write {
                 resource: u32_at(payload, a),
                 offset: u64_at(payload, a + 8),
                 value: u64_at(payload, a + 16),
             },
-            OP_DEADLINE => Op::Deadline { fence: u64_at(payload, a), ns: u64_at(payload, a + 8) },
-            OP_FAIL => Op::Fail { err: u32_at(payload, a) },
+            OP_DEADLINE => Op::Deadline {
+                fence: u64_at(payload, a),
+                ns: u64_at(payload, a + 8),
+            },
+            OP_FAIL => Op::Fail {
+                err: u32_at(payload, a),
+            },
             _ => unreachable!("args_len accepted only known opcodes"),
         };
         ops.push(op);
@@ -185,13 +237,20 @@ mod tests {
     fn round_trip_every_op() {
         let ops = [
             Op::Work { ns: 1_000_000 },
-            Op::Write { resource: 7, offset: 4096, value: 0xdead_beef },
+            Op::Write {
+                resource: 7,
+                offset: 4096,
+                value: 0xdead_beef,
+            },
             Op::Deadline { fence: 42, ns: 5 },
             Op::Fail { err: 0x1203 },
         ];
         let bytes = encode(&ops);
         assert_eq!(&bytes[..4], b"FNCL");
-        assert_eq!(bytes.len(), HEADER_LEN + (8 + 8) + (8 + 24) + (8 + 16) + (8 + 4));
+        assert_eq!(
+            bytes.len(),
+            HEADER_LEN + (8 + 8) + (8 + 24) + (8 + 16) + (8 + 4)
+        );
         assert_eq!(decode(&bytes).unwrap(), ops);
     }
 
@@ -203,7 +262,10 @@ mod tests {
     #[test]
     fn foreign_payload_is_not_a_stream() {
         assert!(!is_stream(b"\x00\x01\x02\x03virgl"));
-        assert!(matches!(decode(b"FNC"), Err(DecodeError::ShortHeader { len: 3 })));
+        assert!(matches!(
+            decode(b"FNC"),
+            Err(DecodeError::ShortHeader { len: 3 })
+        ));
     }
 
     #[test]
@@ -219,22 +281,43 @@ mod tests {
         let cut = &bytes[..bytes.len() - 3];
         assert_eq!(
             decode(cut),
-            Err(DecodeError::Truncated { index: 0, offset: 8, need: 16, have: 13 })
+            Err(DecodeError::Truncated {
+                index: 0,
+                offset: 8,
+                need: 16,
+                have: 13
+            })
         );
-        assert!(matches!(decode(&bytes[..HEADER_LEN + 5]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decode(&bytes[..HEADER_LEN + 5]),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn rejects_unknown_opcode_and_lying_length() {
         let mut bytes = encode(&[Op::Work { ns: 1 }]);
         bytes[8] = 0x77;
-        assert_eq!(decode(&bytes), Err(DecodeError::UnknownOp { index: 0, offset: 8, opcode: 0x77 }));
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::UnknownOp {
+                index: 0,
+                offset: 8,
+                opcode: 0x77
+            })
+        );
 
         let mut bytes = encode(&[Op::Work { ns: 1 }]);
         bytes[12] = 200;
         assert_eq!(
             decode(&bytes),
-            Err(DecodeError::BadLength { index: 0, offset: 8, opcode: 1, want: 8, got: 200 })
+            Err(DecodeError::BadLength {
+                index: 0,
+                offset: 8,
+                opcode: 1,
+                want: 8,
+                got: 200
+            })
         );
     }
 
