@@ -25,13 +25,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let summary = boot::execute(&boot_args)?;
     crate::report::print(&summary, false);
     if !summary.ok {
-        println!("boot smoke: 0 passed, 1 failed");
+        println!("boot-smoke: 0 passed, 1 failed");
         bail!(
             "boot smoke test failed: {} failure(s), listed above as FAILURE lines",
             summary.failures.len()
         );
     }
-    println!("boot smoke: 1 passed, 0 failed");
+    println!("boot-smoke: 1 passed, 0 failed");
     Ok(())
 }
 
