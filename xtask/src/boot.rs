@@ -2,21 +2,17 @@
 //! fencelab-device on a private socket; boot QEMU; run the workload; read the
 //! kernel's verdict from the console; stop everything; report.
 
-use crate::console::{
-    self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER,
-};
+use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER};
+use crate::guest::{self, Companion, Guest};
 use crate::qemu::{Accel, GuestSpec};
 use crate::report::{DeviceSummary, GuestResult, KernelInfo, Summary};
-use crate::supervise::{Supervised, was_interrupted};
+use crate::supervise::Supervised;
 use crate::{image, kernel, paths, setup};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -94,6 +90,17 @@ fn step(message: impl AsRef<str>) {
     eprintln!("boot: {}", message.as_ref());
 }
 
+/// The last `n` lines of the device log above debug level: what it said
+/// about its own state, without the per-fence chatter.
+fn device_log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
 /// Everything up to the summary; `Err` only when the run could not start.
 pub fn execute(args: &BootArgs) -> Result<Summary> {
     let started = Instant::now();
@@ -106,7 +113,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     step("building fencelab-device");
     let device_bin = build_device()?;
 
-    let run_dir = new_run_dir(&args.workload)?;
+    let run_dir = guest::new_run_dir(&args.workload)?;
     let socket_dir = SocketDir::create()?;
     let socket = socket_dir.path().join("gpu.sock");
     step(format!("run folder {}", run_dir.display()));
@@ -123,41 +130,26 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let spec = GuestSpec {
         kernel: kernel.bzimage.clone(),
         initramfs,
-        gpu_socket: socket.clone(),
+        gpu_socket: Some(socket.clone()),
         memory_mib: args.memory_mib,
         cpus: args.cpus,
         accel: args.accel,
         cmdline_extra,
     };
-    fs::write(run_dir.join("qemu.cmdline"), shell_words(&spec))?;
-
-    step(format!(
-        "booting QEMU ({:?}, {} vCPUs, {} MiB)",
-        args.accel, args.cpus, args.memory_mib
-    ));
-    let qemu_log = run_dir.join("qemu.log");
-    let mut command = spec.command();
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(
-        File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?,
-    );
-    let boot_started = Instant::now();
-    let mut qemu = Supervised::spawn("QEMU", command).context(
-        "cannot start qemu-system-x86_64: is it installed? `cargo xtask setup` installs it from bookworm-backports",
-    )?;
-    let stdout = qemu.take_stdout().context("QEMU stdout was not captured")?;
-    let console_log = run_dir.join("console.log");
-    let tracker = ConsoleTracker::start(stdout, &console_log, boot_started, args.console)?;
-
+    let mut guest = Guest::launch(&spec, &run_dir, args.console)?;
     let mut failures = Vec::new();
-    supervise(
-        args,
-        &mut qemu,
-        &mut device,
-        &device_log,
-        &tracker,
+    let companion = Companion {
+        process: &mut device,
+        name: "fencelab-device",
+        log: &device_log,
+        last_words: device_log_tail,
+    };
+    guest.supervise(
+        Some(companion),
+        Duration::from_secs(args.timeout_secs),
         &mut failures,
     )?;
-    let qemu_status = qemu.stop(Duration::from_secs(5))?;
+    let outcome = guest.finish()?;
     let device_status = match device.wait_for(Duration::from_secs(10))? {
         Some(status) => status,
         None => {
@@ -165,9 +157,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
             device.stop(Duration::from_secs(3))?
         }
     };
-    let marks = tracker.finish();
-    let console_text = fs::read_to_string(&console_log).unwrap_or_default();
-    let report = console::parse(&console_text);
+    let report = console::parse(&outcome.console);
     let device_summary = DeviceSummary::from_log(&device_log);
 
     let guest = judge_guest(args, &report, &mut failures);
@@ -184,80 +174,13 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         report,
         guest,
         device_summary,
-        marks.result_after.map(|d| d.as_millis() as u64),
+        outcome.marks.result_after.map(|d| d.as_millis() as u64),
         prepared_secs,
-        qemu_status.code(),
+        outcome.status.code(),
         run_dir,
         args.reproduce(),
         failures,
     ))
-}
-
-/// Watches QEMU and the device until the guest powers off, something dies,
-/// time runs out or the user interrupts.
-fn supervise(
-    args: &BootArgs,
-    qemu: &mut Supervised,
-    device: &mut Supervised,
-    device_log: &Path,
-    tracker: &ConsoleTracker,
-    failures: &mut Vec<String>,
-) -> Result<()> {
-    let started = Instant::now();
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let mut next_progress = Duration::from_secs(15);
-    loop {
-        if was_interrupted() {
-            failures.push("interrupted by the user".into());
-            return Ok(());
-        }
-        if qemu.try_status()?.is_some() {
-            return Ok(());
-        }
-        if let Some(status) = device.try_status()? {
-            // After the workload the guest powers off and the device exits on
-            // disconnect; that order can race with our poll of QEMU.
-            if tracker.marks().workload_ended && qemu.wait_for(Duration::from_secs(5))?.is_some() {
-                return Ok(());
-            }
-            let stage = if tracker.marks().workload_started.is_some() {
-                "while the workload ran"
-            } else {
-                "before the workload started"
-            };
-            failures.push(format!(
-                "fencelab-device exited {stage} ({status}); QEMU was stopped. Device log: {}{}",
-                device_log.display(),
-                indented(&tail_without_debug(device_log, 5))
-            ));
-            return Ok(());
-        }
-        let elapsed = started.elapsed();
-        if elapsed > timeout {
-            failures.push(format!(
-                "the guest did not finish within {} s (--timeout-secs)",
-                args.timeout_secs
-            ));
-            return Ok(());
-        }
-        if elapsed >= next_progress {
-            let marks = tracker.marks();
-            let stage = if marks.workload_ended {
-                "powering off"
-            } else if marks.workload_started.is_some() {
-                "workload running"
-            } else {
-                "booting"
-            };
-            step(format!(
-                "guest {stage}, {} s, {} console lines",
-                elapsed.as_secs(),
-                marks.lines
-            ));
-            next_progress += Duration::from_secs(15);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Reads the guest result and checks what issue 2's contract requires.
@@ -369,15 +292,6 @@ fn build_device() -> Result<PathBuf> {
     Ok(target.join("release").join("fencelab-device"))
 }
 
-fn new_run_dir(workload: &str) -> Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let dir = paths::runs_dir().join(format!("{stamp}-{workload}-{}", std::process::id()));
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
 /// A private, short socket folder (unix socket paths are limited to 108
 /// bytes, and a clone may live deep in the file system), removed on drop.
 struct SocketDir(PathBuf);
@@ -436,7 +350,7 @@ fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result
         if let Some(status) = device.try_status()? {
             bail!(
                 "fencelab-device exited before listening ({status}):\n{}",
-                tail(log, 15)
+                device_log_tail(log)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -444,100 +358,6 @@ fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result
     bail!(
         "fencelab-device did not create {} within 10 s:\n{}",
         socket.display(),
-        tail(log, 15)
+        device_log_tail(log)
     )
-}
-
-/// The last `n` lines of a log file, for error messages.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The last `n` lines of the device log above debug level: what it said
-/// about its own state, without the per-fence chatter.
-fn tail_without_debug(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn indented(text: &str) -> String {
-    text.lines().map(|l| format!("\n    {l}")).collect()
-}
-
-fn shell_words(spec: &GuestSpec) -> String {
-    let mut words = vec![crate::qemu::QEMU.to_owned()];
-    words.extend(
-        spec.args()
-            .into_iter()
-            .map(|a| if a.contains(' ') { format!("'{a}'") } else { a }),
-    );
-    words.join(" ") + "\n"
-}
-
-/// What the console reader has seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct Marks {
-    pub lines: usize,
-    pub workload_started: Option<Duration>,
-    pub result_after: Option<Duration>,
-    pub workload_ended: bool,
-}
-
-/// Copies the serial console to a file, line by line, noting when the
-/// workload starts and when its result arrives (host clock, from QEMU start).
-struct ConsoleTracker {
-    marks: Arc<Mutex<Marks>>,
-    reader: JoinHandle<()>,
-}
-
-impl ConsoleTracker {
-    fn start(
-        stdout: std::process::ChildStdout,
-        log: &Path,
-        since: Instant,
-        echo: bool,
-    ) -> Result<Self> {
-        let mut file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let marks = Arc::new(Mutex::new(Marks::default()));
-        let shared = marks.clone();
-        let reader = std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf);
-                let _ = file.write_all(line.as_bytes());
-                if echo {
-                    eprint!("console: {line}");
-                }
-                let mut marks = shared.lock().unwrap_or_else(|p| p.into_inner());
-                marks.lines += 1;
-                if line.contains(WORKLOAD_START_MARKER) {
-                    marks.workload_started = Some(since.elapsed());
-                    step("guest workload started");
-                } else if line.contains(RESULT_MARKER) {
-                    marks.result_after = Some(since.elapsed());
-                } else if line.contains(WORKLOAD_END_MARKER) {
-                    marks.workload_ended = true;
-                }
-                buf.clear();
-            }
-            let _ = file.flush();
-        });
-        Ok(Self { marks, reader })
-    }
-
-    fn marks(&self) -> Marks {
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn finish(self) -> Marks {
-        let _ = self.reader.join();
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }

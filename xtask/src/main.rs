@@ -7,8 +7,11 @@ mod boot;
 mod cmd;
 mod console;
 mod cpio;
+mod guest;
 mod image;
 mod kernel;
+mod ktap;
+mod kunit;
 mod paths;
 mod qemu;
 mod report;
@@ -37,6 +40,8 @@ enum Command {
     Image,
     /// The main job: setup, kernel, image, start fencelab-device, boot QEMU, run a workload, report.
     Boot(boot::BootArgs),
+    /// Boot the kernel with KUnit enabled and report the patch series' KUnit suites.
+    Kunit(kunit::KunitArgs),
     /// The test suite: workspace unit tests, then a boot smoke test.
     Test(test::TestArgs),
 }
@@ -67,6 +72,7 @@ fn dispatch(command: Command) -> Result<()> {
             image::build(&kernel).map(drop)
         }
         Command::Boot(args) => boot::run(&args),
+        Command::Kunit(args) => kunit::run(&args),
         Command::Test(args) => test::run(&args),
     }
 }

@@ -22,7 +22,8 @@ pub enum Accel {
 pub struct GuestSpec {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    pub gpu_socket: PathBuf,
+    /// The fencelab-device socket; `None` boots without a GPU (KUnit runs).
+    pub gpu_socket: Option<PathBuf>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: Accel,
@@ -57,9 +58,21 @@ impl GuestSpec {
             Accel::Kvm => "host",
         };
         let mem = format!("{}M", self.memory_mib);
-        vec![
-            "-machine".into(),
-            "q35,memory-backend=mem".into(),
+        let mut args: Vec<String> = vec!["-machine".into()];
+        match &self.gpu_socket {
+            // The vhost-user backend maps guest RAM, so it must be a shared memfd.
+            Some(socket) => args.extend([
+                "q35,memory-backend=mem".into(),
+                "-object".into(),
+                format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+                "-chardev".into(),
+                format!("socket,id=vgpu,path={}", path_arg(socket)),
+                "-device".into(),
+                "vhost-user-gpu-pci,chardev=vgpu".into(),
+            ]),
+            None => args.push("q35".into()),
+        }
+        args.extend([
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
@@ -67,13 +80,7 @@ impl GuestSpec {
             "-smp".into(),
             self.cpus.to_string(),
             "-m".into(),
-            mem.clone(),
-            "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-            "-chardev".into(),
-            format!("socket,id=vgpu,path={}", path_arg(&self.gpu_socket)),
-            "-device".into(),
-            "vhost-user-gpu-pci,chardev=vgpu".into(),
+            mem,
             "-display".into(),
             "none".into(),
             "-nodefaults".into(),
@@ -89,7 +96,8 @@ impl GuestSpec {
             path_arg(&self.initramfs),
             "-append".into(),
             self.cmdline(),
-        ]
+        ]);
+        args
     }
 
     pub fn command(&self) -> Command {
@@ -111,7 +119,7 @@ mod tests {
         GuestSpec {
             kernel: "/c/bzImage".into(),
             initramfs: "/c/init.cpio.gz".into(),
-            gpu_socket: "/r/gpu.sock".into(),
+            gpu_socket: Some("/r/gpu.sock".into()),
             memory_mib: 2048,
             cpus: 2,
             accel: Accel::Tcg,
@@ -149,6 +157,18 @@ mod tests {
             ["vhost-user-gpu-pci,chardev=vgpu"]
         );
         assert_eq!(value_after(&args, "-display"), ["none"]);
+    }
+
+    #[test]
+    fn without_a_gpu_there_is_no_vhost_user_device() {
+        let spec = GuestSpec {
+            gpu_socket: None,
+            ..spec()
+        };
+        let args = spec.args();
+        assert_eq!(value_after(&args, "-machine"), ["q35"]);
+        assert!(value_after(&args, "-device").is_empty());
+        assert!(value_after(&args, "-object").is_empty());
     }
 
     #[test]

@@ -1,0 +1,240 @@
+//! Running one guest to completion: start QEMU, copy its serial console to a
+//! file while noting the init's markers, watch it (and a companion process
+//! such as the GPU backend) until it powers off, dies, times out or the user
+//! interrupts, and stop it.
+
+use crate::console::{RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
+use crate::paths;
+use crate::qemu::GuestSpec;
+use crate::supervise::{Supervised, was_interrupted};
+use anyhow::{Context, Result};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn step(message: impl AsRef<str>) {
+    eprintln!("guest: {}", message.as_ref());
+}
+
+/// A fresh folder for one run's logs, below `target/fencelab-runs/`.
+pub fn new_run_dir(label: &str) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let dir = paths::runs_dir().join(format!("{stamp}-{label}-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A process that must stay alive while the guest runs.
+pub struct Companion<'a> {
+    pub process: &'a mut Supervised,
+    pub name: &'static str,
+    pub log: &'a Path,
+    /// Lines of its log worth quoting when it dies.
+    pub last_words: fn(&Path) -> String,
+}
+
+/// What the console reader has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct Marks {
+    pub lines: usize,
+    pub workload_started: Option<Duration>,
+    pub result_after: Option<Duration>,
+    pub workload_ended: bool,
+}
+
+/// How the guest ended.
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub marks: Marks,
+    pub console: String,
+}
+
+/// A running QEMU guest.
+pub struct Guest {
+    qemu: Supervised,
+    tracker: ConsoleTracker,
+    console_log: PathBuf,
+}
+
+impl Guest {
+    /// Starts QEMU for `spec`, logging to `run_dir` (`qemu.cmdline`,
+    /// `qemu.log`, `console.log`).
+    pub fn launch(spec: &GuestSpec, run_dir: &Path, echo_console: bool) -> Result<Self> {
+        fs::write(run_dir.join("qemu.cmdline"), shell_words(spec))?;
+        step(format!(
+            "booting QEMU ({:?}, {} vCPUs, {} MiB)",
+            spec.accel, spec.cpus, spec.memory_mib
+        ));
+        let qemu_log = run_dir.join("qemu.log");
+        let mut command = spec.command();
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(
+            File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?,
+        );
+        let started = Instant::now();
+        let mut qemu = Supervised::spawn("QEMU", command).context(
+            "cannot start qemu-system-x86_64: is it installed? `cargo xtask setup` installs it from bookworm-backports",
+        )?;
+        let stdout = qemu.take_stdout().context("QEMU stdout was not captured")?;
+        let console_log = run_dir.join("console.log");
+        let tracker = ConsoleTracker::start(stdout, &console_log, started, echo_console)?;
+        Ok(Self {
+            qemu,
+            tracker,
+            console_log,
+        })
+    }
+
+    /// Watches the guest until it powers off, the companion dies, `timeout`
+    /// passes or the user interrupts; each abnormal end is a failure.
+    pub fn supervise(
+        &mut self,
+        mut companion: Option<Companion<'_>>,
+        timeout: Duration,
+        failures: &mut Vec<String>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut next_progress = Duration::from_secs(15);
+        loop {
+            if was_interrupted() {
+                failures.push("interrupted by the user".into());
+                return Ok(());
+            }
+            if self.qemu.try_status()?.is_some() {
+                return Ok(());
+            }
+            if let Some(companion) = companion.as_mut()
+                && let Some(status) = companion.process.try_status()?
+            {
+                let marks = self.tracker.marks();
+                // After the workload the guest powers off and the companion
+                // exits on disconnect; that order can race with our poll.
+                if marks.workload_ended && self.qemu.wait_for(Duration::from_secs(5))?.is_some() {
+                    return Ok(());
+                }
+                let stage = if marks.workload_started.is_some() {
+                    "while the workload ran"
+                } else {
+                    "before the workload started"
+                };
+                failures.push(format!(
+                    "{} exited {stage} ({status}); QEMU was stopped. Log: {}{}",
+                    companion.name,
+                    companion.log.display(),
+                    indented(&(companion.last_words)(companion.log))
+                ));
+                return Ok(());
+            }
+            let elapsed = started.elapsed();
+            if elapsed > timeout {
+                failures.push(format!(
+                    "the guest did not finish within {} s",
+                    timeout.as_secs()
+                ));
+                return Ok(());
+            }
+            if elapsed >= next_progress {
+                let marks = self.tracker.marks();
+                let stage = if marks.workload_ended {
+                    "powering off"
+                } else if marks.workload_started.is_some() {
+                    "workload running"
+                } else {
+                    "booting"
+                };
+                step(format!(
+                    "{stage}, {} s, {} console lines",
+                    elapsed.as_secs(),
+                    marks.lines
+                ));
+                next_progress += Duration::from_secs(15);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops QEMU if it still runs and returns what the guest left behind.
+    pub fn finish(mut self) -> Result<Outcome> {
+        let status = self.qemu.stop(Duration::from_secs(5))?;
+        let marks = self.tracker.finish();
+        let console = fs::read_to_string(&self.console_log)
+            .with_context(|| format!("reading {}", self.console_log.display()))?;
+        Ok(Outcome {
+            status,
+            marks,
+            console,
+        })
+    }
+}
+
+fn indented(text: &str) -> String {
+    text.lines().map(|l| format!("\n    {l}")).collect()
+}
+
+fn shell_words(spec: &GuestSpec) -> String {
+    let mut words = vec![crate::qemu::QEMU.to_owned()];
+    words.extend(
+        spec.args()
+            .into_iter()
+            .map(|a| if a.contains(' ') { format!("'{a}'") } else { a }),
+    );
+    words.join(" ") + "\n"
+}
+
+/// Copies the serial console to a file, line by line, noting when the
+/// workload starts and when its result arrives (host clock, from QEMU start).
+struct ConsoleTracker {
+    marks: Arc<Mutex<Marks>>,
+    reader: JoinHandle<()>,
+}
+
+impl ConsoleTracker {
+    fn start(
+        stdout: std::process::ChildStdout,
+        log: &Path,
+        since: Instant,
+        echo: bool,
+    ) -> Result<Self> {
+        let mut file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let marks = Arc::new(Mutex::new(Marks::default()));
+        let shared = marks.clone();
+        let reader = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf);
+                let _ = file.write_all(line.as_bytes());
+                if echo {
+                    eprint!("console: {line}");
+                }
+                let mut marks = shared.lock().unwrap_or_else(|p| p.into_inner());
+                marks.lines += 1;
+                if line.contains(WORKLOAD_START_MARKER) {
+                    marks.workload_started = Some(since.elapsed());
+                    step("workload started");
+                } else if line.contains(RESULT_MARKER) {
+                    marks.result_after = Some(since.elapsed());
+                } else if line.contains(WORKLOAD_END_MARKER) {
+                    marks.workload_ended = true;
+                }
+                buf.clear();
+            }
+            let _ = file.flush();
+        });
+        Ok(Self { marks, reader })
+    }
+
+    fn marks(&self) -> Marks {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn finish(self) -> Marks {
+        let _ = self.reader.join();
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
