@@ -123,6 +123,9 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let mut device = start_device(&device_bin, &socket, &args.latency, &device_log)?;
     wait_for_socket(&socket, &mut device, &device_log)?;
 
+    if args.accel == Accel::Kvm {
+        probe_kvm(&kernel.bzimage, &initramfs)?;
+    }
     let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
     let mut hammer_args = vec![format!("--fences={}", args.fences)];
     hammer_args.extend(args.hammer_args.iter().cloned());
@@ -181,6 +184,48 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         args.reproduce(),
         failures,
     ))
+}
+
+/// Proves that a guest boots to its init under KVM before a run relies on
+/// it: `/dev/kvm` opening is not enough on VMs without nested
+/// virtualisation, where a KVM guest hangs at "Decompressing Linux...".
+fn probe_kvm(kernel: &Path, initramfs: &Path) -> Result<()> {
+    const PROBE_SECS: u64 = 60;
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("--accel kvm: cannot open /dev/kvm; use --accel tcg")?;
+    step(format!(
+        "probing KVM: the guest must reach its init within {PROBE_SECS} s"
+    ));
+    let run_dir = guest::new_run_dir("kvm-probe")?;
+    let spec = GuestSpec {
+        kernel: kernel.to_path_buf(),
+        initramfs: initramfs.to_path_buf(),
+        gpu_socket: None,
+        memory_mib: 512,
+        cpus: 1,
+        accel: Accel::Kvm,
+        cmdline_extra: vec!["fencelab.workload=none".into()],
+    };
+    let mut probe = Guest::launch(&spec, &run_dir, false)?;
+    let mut failures = Vec::new();
+    probe.supervise(None, Duration::from_secs(PROBE_SECS), &mut failures)?;
+    let outcome = probe.finish()?;
+    if console::parse(&outcome.console).booted_release.is_none() {
+        bail!(
+            "--accel kvm: a probe guest did not reach its init under KVM ({}; console: {}); use --accel tcg",
+            if failures.is_empty() {
+                format!("QEMU {}", outcome.status)
+            } else {
+                failures.join("; ")
+            },
+            run_dir.join("console.log").display()
+        );
+    }
+    step("KVM probe booted; using KVM");
+    Ok(())
 }
 
 /// Reads the guest result and checks what issue 2's contract requires.
