@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the README's test command and what CI runs. The
-//! workspace's unit tests first (fast, no QEMU), then a real boot smoke test:
-//! a Linux 7.3 guest sends fenced work through QEMU to fencelab-device.
+//! workspace's unit tests first (fast, no QEMU), then a real boot smoke test
+//! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
+//! then the KUnit suites of the kernel patch series on the same kernel.
 
 use crate::boot::{self, BootArgs};
 use crate::paths;
@@ -9,7 +10,7 @@ use std::process::Command;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TestArgs {
-    /// Only the unit tests; skip building the kernel and booting a guest.
+    /// Only the unit tests; skip building the kernel and booting guests.
     #[arg(long)]
     pub no_boot: bool,
 }
@@ -32,7 +33,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         );
     }
     println!("boot-smoke: 1 passed, 0 failed");
-    Ok(())
+    eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
+    crate::kunit::run(&crate::kunit::KunitArgs::default())
 }
 
 fn unit_tests() -> Result<()> {
