@@ -11,14 +11,21 @@ use crate::{image, kernel, setup};
 use anyhow::{Result, bail};
 use std::time::Duration;
 
-/// The suites of fencelab's kernel patch series.
-pub const DEFAULT_FILTER: &str = "rust_dma_fence*";
+/// The KUnit tests of fencelab's kernel patch series: its own suites, and
+/// its rustdoc examples, which the kernel turns into cases of the one
+/// `rust_doctests_kernel` suite shared by the whole kernel crate.
+pub const DEFAULT_FILTERS: [&str; 2] = [
+    "rust_dma_fence*",
+    "rust_doctests_kernel.rust_doctest_kernel_dma_buf_*",
+];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KunitArgs {
-    /// KUnit suites to run (`kunit.filter_glob`).
-    #[arg(long, default_value = DEFAULT_FILTER)]
-    pub filter: String,
+    /// KUnit tests to run, as `kunit.filter_glob` globs (`suite` or
+    /// `suite.test`); repeatable, one guest boot per glob, since the kernel
+    /// takes one glob per boot.
+    #[arg(long = "filter", default_values_t = DEFAULT_FILTERS.map(String::from))]
+    pub filters: Vec<String>,
     /// Guest vCPUs (the race tests want at least two).
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
@@ -33,7 +40,7 @@ pub struct KunitArgs {
 impl Default for KunitArgs {
     fn default() -> Self {
         Self {
-            filter: DEFAULT_FILTER.into(),
+            filters: DEFAULT_FILTERS.map(String::from).to_vec(),
             cpus: 2,
             timeout_secs: 900,
             console: false,
@@ -42,25 +49,53 @@ impl Default for KunitArgs {
 }
 
 pub fn run(args: &KunitArgs) -> Result<()> {
+    if args.filters.is_empty() {
+        bail!("kunit: no --filter given");
+    }
     let toolchain = setup::run()?;
     let kernel = kernel::build(&toolchain, &kernel::KernelArgs::default())?;
     let initramfs = image::build(&kernel)?;
+    let (mut passed, mut failed, mut skipped, mut other) = (0, 0, 0, 0);
+    for filter in &args.filters {
+        let counts = run_filter(args, filter, &kernel, &initramfs)?;
+        passed += counts.passed;
+        failed += counts.failed;
+        skipped += counts.skipped;
+        other += counts.other_failures;
+    }
+    println!("kunit: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 || other > 0 {
+        bail!("kunit: {failed} case(s) failed, {other} other failure(s)");
+    }
+    Ok(())
+}
+
+struct Counts {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    other_failures: usize,
+}
+
+/// One boot with `kunit.filter_glob=filter`; prints each case.
+fn run_filter(
+    args: &KunitArgs,
+    filter: &str,
+    kernel: &kernel::Kernel,
+    initramfs: &std::path::Path,
+) -> Result<Counts> {
     let run_dir = guest::new_run_dir("kunit")?;
-    eprintln!(
-        "kunit: suites {}; run folder {}",
-        args.filter,
-        run_dir.display()
-    );
+    eprintln!("kunit: {filter}; run folder {}", run_dir.display());
     let spec = GuestSpec {
         kernel: kernel.bzimage.clone(),
-        initramfs,
+        initramfs: initramfs.to_path_buf(),
         gpu_socket: None,
         memory_mib: 1024,
         cpus: args.cpus,
         accel: Accel::Tcg,
         cmdline_extra: vec![
             "kunit.enable=1".into(),
-            format!("kunit.filter_glob={}", args.filter),
+            format!("kunit.filter_glob={filter}"),
             // The init powers off at once: built-in suites ran before it.
             "fencelab.workload=kunit".into(),
         ],
@@ -85,8 +120,8 @@ pub fn run(args: &KunitArgs) -> Result<()> {
     }
     if results.cases.is_empty() {
         failures.push(format!(
-            "no KUnit results for suites {:?}: is the suite built into kernel {} ({})?",
-            args.filter, kernel.release, kernel.key
+            "no KUnit results for {filter:?}: is it built into kernel {} ({})?",
+            kernel.release, kernel.key
         ));
     }
     for suite in results.suites.iter().filter(|s| s.outcome == Outcome::Fail) {
@@ -107,19 +142,14 @@ pub fn run(args: &KunitArgs) -> Result<()> {
     if verdict.booted_release.is_none() {
         failures.push("the guest never reached its init after the KUnit suites".into());
     }
-    let failed = results.count(Outcome::Fail);
-    let passed = results.count(Outcome::Pass);
-    let skipped = results.count(Outcome::Skip);
     println!("console: {}", run_dir.join("console.log").display());
     for failure in &failures {
         println!("FAILURE: {failure}");
     }
-    println!("kunit: {passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 || !failures.is_empty() {
-        bail!(
-            "kunit: {failed} case(s) failed, {} other failure(s)",
-            failures.len()
-        );
-    }
-    Ok(())
+    Ok(Counts {
+        passed: results.count(Outcome::Pass),
+        failed: results.count(Outcome::Fail),
+        skipped: results.count(Outcome::Skip),
+        other_failures: failures.len(),
+    })
 }
