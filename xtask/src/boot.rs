@@ -47,6 +47,10 @@ pub struct BootArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Harness self-test: SIGKILL fencelab-device once the workload starts
+    /// (the run must fail and leave nothing behind).
+    #[arg(long, hide = true)]
+    pub kill_device_mid_run: bool,
 }
 
 impl Default for BootArgs {
@@ -146,6 +150,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         name: "fencelab-device",
         log: &device_log,
         last_words: device_log_tail,
+        kill_when_workload_starts: args.kill_device_mid_run,
     };
     guest.supervise(
         Some(companion),
@@ -337,6 +342,12 @@ fn build_device() -> Result<PathBuf> {
     Ok(target.join("release").join("fencelab-device"))
 }
 
+/// Where this process puts the backend's socket; QEMU's and the backend's
+/// command lines both name it, which is how leftovers can be found.
+pub fn socket_dir_path() -> PathBuf {
+    std::env::temp_dir().join(format!("fencelab-{}", std::process::id()))
+}
+
 /// A private, short socket folder (unix socket paths are limited to 108
 /// bytes, and a clone may live deep in the file system), removed on drop.
 struct SocketDir(PathBuf);
@@ -344,7 +355,7 @@ struct SocketDir(PathBuf);
 impl SocketDir {
     fn create() -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = std::env::temp_dir().join(format!("fencelab-{}", std::process::id()));
+        let dir = socket_dir_path();
         let _ = fs::remove_dir_all(&dir);
         fs::DirBuilder::new()
             .mode(0o700)

@@ -37,6 +37,8 @@ pub struct Companion<'a> {
     pub log: &'a Path,
     /// Lines of its log worth quoting when it dies.
     pub last_words: fn(&Path) -> String,
+    /// Harness self-test: SIGKILL the companion once the workload starts.
+    pub kill_when_workload_starts: bool,
 }
 
 /// What the console reader has seen so far.
@@ -107,6 +109,14 @@ impl Guest {
             }
             if self.qemu.try_status()?.is_some() {
                 return Ok(());
+            }
+            if let Some(companion) = companion.as_mut()
+                && companion.kill_when_workload_starts
+                && self.tracker.marks().workload_started.is_some()
+            {
+                step(format!("killing {} (harness fault test)", companion.name));
+                companion.process.kill()?;
+                companion.kill_when_workload_starts = false;
             }
             if let Some(companion) = companion.as_mut()
                 && let Some(status) = companion.process.try_status()?

@@ -67,6 +67,14 @@ impl Supervised {
         Ok(None)
     }
 
+    /// SIGKILL now, without reaping: the supervisor notices the death the
+    /// way it would notice a crash. For the harness's own fault tests.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child
+            .kill()
+            .with_context(|| format!("killing {}", self.name))
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; returns the final status.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.try_status()? {

@@ -33,6 +33,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         );
     }
     println!("boot-smoke: 1 passed, 0 failed");
+    backend_death_is_reported()?;
     eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
     crate::kunit::run(&crate::kunit::KunitArgs::default())
 }
@@ -53,4 +54,49 @@ fn unit_tests() -> Result<()> {
         bail!("unit tests failed ({status})");
     }
     Ok(())
+}
+
+/// Harness self-test: when fencelab-device dies mid-run, boot must fail
+/// saying so, and neither QEMU nor the backend may survive the run.
+fn backend_death_is_reported() -> Result<()> {
+    eprintln!("test: harness fault test (fencelab-device killed mid-run)");
+    let args = BootArgs {
+        // Far more than can finish before the kill.
+        fences: 1_000_000,
+        kill_device_mid_run: true,
+        ..BootArgs::default()
+    };
+    let summary = boot::execute(&args)?;
+    let reported = summary
+        .failures
+        .iter()
+        .any(|f| f.starts_with("fencelab-device exited while the workload ran"));
+    let socket = boot::socket_dir_path().join("gpu.sock");
+    let survivors = processes_naming(&socket.to_string_lossy());
+    if summary.ok || !reported || !survivors.is_empty() {
+        println!("backend-death: 0 passed, 1 failed");
+        bail!(
+            "killing fencelab-device mid-run: run ok={} (must be false), failure reported={reported}, \
+             processes left behind: {survivors:?}; failures: {:?}",
+            summary.ok,
+            summary.failures
+        );
+    }
+    println!("backend-death: 1 passed, 0 failed");
+    Ok(())
+}
+
+/// Pids of live processes whose command line contains `needle`.
+fn processes_naming(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
 }
