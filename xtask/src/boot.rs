@@ -114,6 +114,9 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let kernel = kernel::build(&toolchain, &kernel::KernelArgs::default())?;
     step("image");
     let initramfs = image::build(&kernel)?;
+    if args.accel == Accel::Kvm {
+        probe_kvm(&kernel.bzimage, &initramfs)?;
+    }
     step("building fencelab-device");
     let device_bin = build_device()?;
 
@@ -127,9 +130,6 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let mut device = start_device(&device_bin, &socket, &args.latency, &device_log)?;
     wait_for_socket(&socket, &mut device, &device_log)?;
 
-    if args.accel == Accel::Kvm {
-        probe_kvm(&kernel.bzimage, &initramfs)?;
-    }
     let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
     let mut hammer_args = vec![format!("--fences={}", args.fences)];
     hammer_args.extend(args.hammer_args.iter().cloned());
