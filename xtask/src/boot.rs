@@ -97,12 +97,9 @@ fn step(message: impl AsRef<str>) {
 /// The last `n` lines of the device log above debug level: what it said
 /// about its own state, without the per-fence chatter.
 fn device_log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
-        .collect();
-    lines[lines.len().saturating_sub(5)..].join("\n")
+    crate::cmd::tail_matching(path, 5, |l| {
+        !l.contains(" DEBUG ") && !l.contains(" TRACE ")
+    })
 }
 
 /// Everything up to the summary; `Err` only when the run could not start.

@@ -114,10 +114,15 @@ pub fn human_duration(d: Duration) -> String {
 
 /// The last `n` lines of a file (for error messages).
 pub fn tail(path: &Path, n: usize) -> String {
+    tail_matching(path, n, |_| true)
+}
+
+/// The last `n` lines of a file among those `keep` accepts.
+pub fn tail_matching(path: &Path, n: usize, keep: impl Fn(&str) -> bool) -> String {
     let text = fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 

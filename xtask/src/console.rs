@@ -172,19 +172,26 @@ pub struct ConsoleReport {
     pub splats: Vec<Splat>,
 }
 
-/// Removes a printk timestamp (`[   12.345678] `) if present.
-fn strip_timestamp(line: &str) -> &str {
-    let trimmed = line.trim_start();
-    if let Some(rest) = trimmed.strip_prefix('[')
+/// The text of a console line after its printk timestamp
+/// (`[   12.345678] `), if it has one. Indentation after the timestamp's
+/// separating space is kept: KTAP nests by it. Splat matching trims it.
+pub fn printk_body(line: &str) -> &str {
+    let line = line.trim_end_matches('\r');
+    if let Some(rest) = line.trim_start().strip_prefix('[')
         && let Some(end) = rest.find(']')
         && rest[..end]
             .trim()
             .chars()
             .all(|c| c.is_ascii_digit() || c == '.')
     {
-        return rest[end + 1..].trim_start();
+        let after = &rest[end + 1..];
+        return after.strip_prefix(' ').unwrap_or(after);
     }
-    trimmed
+    line
+}
+
+fn strip_timestamp(line: &str) -> &str {
+    printk_body(line).trim_start()
 }
 
 /// Classifies one console line as the start of a splat, if it is one.

@@ -17,6 +17,7 @@
 //! Parameterised tests nest a third level; their cases are reported under the
 //! parent test's name. Lines are read after the printk timestamp is removed.
 
+use crate::console::printk_body;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,22 +57,6 @@ impl KtapReport {
     }
 }
 
-fn strip_timestamp(line: &str) -> &str {
-    let trimmed = line.trim_end_matches('\r');
-    if let Some(rest) = trimmed.trim_start().strip_prefix('[')
-        && let Some(end) = rest.find(']')
-        && rest[..end]
-            .trim()
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == '.')
-    {
-        // Keep the indentation after the timestamp's single separating space.
-        let after = &rest[end + 1..];
-        return after.strip_prefix(' ').unwrap_or(after);
-    }
-    trimmed
-}
-
 /// Parses a result line: `ok 3 name # SKIP reason` / `not ok 1 name`.
 fn result_line(text: &str) -> Option<(Outcome, String, Option<String>)> {
     let (passed, rest) = if let Some(rest) = text.strip_prefix("not ok ") {
@@ -107,7 +92,7 @@ pub fn parse(console: &str) -> KtapReport {
     let mut suite: Option<String> = None;
     let mut diagnostics: Vec<String> = Vec::new();
     for raw in console.lines() {
-        let line = strip_timestamp(raw);
+        let line = printk_body(raw);
         let text = line.trim_start();
         let indent = line.len() - text.len();
         if text.starts_with("KTAP version") {
