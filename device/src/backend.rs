@@ -40,7 +40,7 @@ use vmm_sys_util::event::{
 
 use crate::decode::{self, Command};
 use crate::engine::Engine;
-use crate::gpu::{Gpu, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome, Response};
+use crate::gpu::{Gpu, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
 use crate::protocol::*;
 use crate::stats::Stats;
 
@@ -227,11 +227,7 @@ impl FencelabGpu {
             Err(e) => {
                 warn!(queue, head, "unreadable request: {e}");
                 self.stats.command("MALFORMED");
-                let outcome = Outcome {
-                    response: Response::Err(RESP_ERR_UNSPEC),
-                    work_ns: 0,
-                    error: None,
-                };
+                let outcome = Outcome::error_response(RESP_ERR_UNSPEC);
                 return self.respond(writer, &CtrlHdr::default(), outcome, queue, None);
             }
         };
@@ -262,11 +258,7 @@ impl FencelabGpu {
                     decode::DecodeError::UnknownType(_) => "UNKNOWN",
                     _ => "MALFORMED",
                 });
-                let outcome = Outcome {
-                    response: Response::Err(e.response_code()),
-                    work_ns: 0,
-                    error: None,
-                };
+                let outcome = Outcome::error_response(e.response_code());
                 (hdr.unwrap_or_default(), outcome, None)
             }
         };

@@ -157,15 +157,47 @@ pub struct Outcome {
     pub work_ns: u64,
     /// Why the command failed, when it did for a reason worth logging.
     pub error: Option<GpuError>,
+    /// Guest-memory writes (fencelab `WRITE` ops) that must land just
+    /// before the fence completes, in this order.
+    pub writes: Vec<GuestWrite>,
+    /// Deadline hints (fencelab `DEADLINE` ops) for fences already pending.
+    pub deadlines: Vec<DeadlineHint>,
+}
+
+/// Bytes to store at a guest-physical address when a fence completes.
+/// Resolved (and checked against guest memory) when the command arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestWrite {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A `DEADLINE{fence, ns}` op: the guest wants `fence` done within `ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineHint {
+    pub fence: u64,
+    pub ns: u64,
 }
 
 impl Outcome {
-    fn ok(response: Response) -> Self {
+    pub fn ok(response: Response) -> Self {
         Outcome {
             response,
             work_ns: 0,
             error: None,
+            writes: Vec::new(),
+            deadlines: Vec::new(),
         }
+    }
+
+    fn with_error(mut self, e: GpuError) -> Self {
+        self.error = Some(e);
+        self
+    }
+
+    /// A bare error answer with no side effects.
+    pub fn error_response(code: u32) -> Self {
+        Self::ok(Response::Err(code))
     }
 }
 
@@ -232,11 +264,7 @@ impl Gpu {
     pub fn execute(&mut self, hdr: &CtrlHdr, cmd: Command, mem: &dyn GuestRanges) -> Outcome {
         match self.run(hdr, cmd, mem) {
             Ok(outcome) => outcome,
-            Err(e) => Outcome {
-                response: Response::Err(e.response_code()),
-                work_ns: 0,
-                error: Some(e),
-            },
+            Err(e) => Outcome::error_response(e.response_code()).with_error(e),
         }
     }
 

@@ -5,6 +5,7 @@
 //! - [`protocol`]: virtio-gpu wire structs and constants.
 //! - [`decode`]: request bytes to a typed [`decode::Command`] (pure).
 //! - [`gpu`]: device state (resources, contexts) and command semantics.
+//! - [`fault`]: the types shared by plan, engine, trace and control plane.
 //! - [`engine`]: the fence completion loop.
 //! - [`backend`]: the `VhostUserBackend` implementation and vring plumbing.
 //! - [`stats`]: accounting for the shutdown summary.
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod decode;
 pub mod engine;
+pub mod fault;
 pub mod gpu;
 pub mod protocol;
 pub mod stats;
