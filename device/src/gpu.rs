@@ -24,6 +24,8 @@ pub const NUM_SCANOUTS: u32 = 1;
 pub const NUM_CAPSETS: u32 = 0;
 /// Bytes per pixel of every 2D format.
 const BPP: u64 = 4;
+/// Bytes a fencelab `WRITE` op stores: its `u64` value, little-endian.
+pub const WRITE_LEN: u64 = 8;
 
 /// Whether guest-physical ranges exist in guest memory.
 pub trait GuestRanges {
@@ -73,15 +75,37 @@ pub enum GpuError {
     },
     #[error("SUBMIT_3D: bad fencelab stream: {0}")]
     Stream(#[from] fencelab_stream::DecodeError),
+    #[error("SUBMIT_3D op {op}: WRITE to resource {resource_id}, which does not exist")]
+    WriteNoSuchResource { op: usize, resource_id: u32 },
+    #[error("SUBMIT_3D op {op}: WRITE to resource {resource_id}, which has no backing attached")]
+    WriteNotBacked { op: usize, resource_id: u32 },
+    #[error(
+        "SUBMIT_3D op {op}: WRITE of {WRITE_LEN} bytes at offset {offset:#x} is outside resource {resource_id}'s {backing_len:#x} bytes of backing"
+    )]
+    WriteOutsideBacking {
+        op: usize,
+        resource_id: u32,
+        offset: u64,
+        backing_len: u64,
+    },
+    #[error(
+        "SUBMIT_3D op {op}: WRITE to resource {resource_id} resolves to [{addr:#x}, +{len}), which is not in guest memory"
+    )]
+    WriteOutsideMemory {
+        op: usize,
+        resource_id: u32,
+        addr: u64,
+        len: u64,
+    },
 }
 
 impl GpuError {
     /// The `VIRTIO_GPU_RESP_ERR_*` this error is answered with.
     pub fn response_code(&self) -> u32 {
         match self {
-            GpuError::NoSuchResource(_) | GpuError::ResourceExists(_) => {
-                RESP_ERR_INVALID_RESOURCE_ID
-            }
+            GpuError::NoSuchResource(_)
+            | GpuError::ResourceExists(_)
+            | GpuError::WriteNoSuchResource { .. } => RESP_ERR_INVALID_RESOURCE_ID,
             GpuError::NoSuchContext(_) | GpuError::ContextExists(_) => RESP_ERR_INVALID_CONTEXT_ID,
             GpuError::NoSuchScanout(_) => RESP_ERR_INVALID_SCANOUT_ID,
             GpuError::AlreadyBacked(_) => RESP_ERR_UNSPEC,
@@ -93,7 +117,10 @@ impl GpuError {
             | GpuError::NotBacked(_)
             | GpuError::BackingOutsideMemory { .. }
             | GpuError::TransferOutsideBacking { .. }
-            | GpuError::Stream(_) => RESP_ERR_INVALID_PARAMETER,
+            | GpuError::Stream(_)
+            | GpuError::WriteNotBacked { .. }
+            | GpuError::WriteOutsideBacking { .. }
+            | GpuError::WriteOutsideMemory { .. } => RESP_ERR_INVALID_PARAMETER,
         }
     }
 }
@@ -458,7 +485,7 @@ impl Gpu {
             }
             Command::Submit3d { payload } => {
                 self.ctx_mut(hdr.ctx_id)?;
-                submit_3d(hdr, &payload)
+                self.submit_3d(hdr, &payload, mem)
             }
             Command::UpdateCursor(c) => {
                 if c.pos.scanout_id >= NUM_SCANOUTS {
@@ -492,35 +519,144 @@ impl Gpu {
     }
 }
 
-/// Runs a `SUBMIT_3D` payload: a fencelab stream is interpreted, anything
-/// else is a foreign workload accepted as a no-op.
-fn submit_3d(hdr: &CtrlHdr, payload: &[u8]) -> Result<Outcome, GpuError> {
-    let mut outcome = Outcome::ok(Response::NoData);
-    if !fencelab_stream::is_stream(payload) {
-        return Ok(outcome);
-    }
-    for op in fencelab_stream::decode(payload)? {
-        match op {
-            fencelab_stream::Op::Work { ns } => {
-                outcome.work_ns = outcome.work_ns.saturating_add(ns);
-            }
-            fencelab_stream::Op::Fail { err } => {
-                // The first FAIL decides the answer.
-                if !outcome.response.is_error() {
-                    outcome.response = Response::Err(err);
+/// `SUBMIT_3D` and the fencelab ops it carries.
+impl Gpu {
+    /// Runs a `SUBMIT_3D` payload: a fencelab stream is interpreted, anything
+    /// else is a foreign workload accepted as a no-op.
+    ///
+    /// `WRITE` and `DEADLINE` ops are resolved here, when the command arrives,
+    /// and carried out by the fence engine: the writes land just before the
+    /// fence's descriptor goes back to the guest, the hints act on fences
+    /// already pending. A `WRITE` that cannot be resolved refuses the whole
+    /// command (nothing is written, no `WORK` is simulated):
+    ///
+    /// - unknown resource: `RESP_ERR_INVALID_RESOURCE_ID`, as for every other
+    ///   command naming a resource that does not exist;
+    /// - a resource without backing, an offset whose 8 bytes do not fit in the
+    ///   backing, or backing that is no longer guest memory:
+    ///   `RESP_ERR_INVALID_PARAMETER`, as for a 2D transfer outside its backing.
+    ///
+    /// The resource need not be attached to the submitting context: the
+    /// upstream driver attaches every BO the file creates to its context
+    /// (`CTX_ATTACH_RESOURCE` at GEM handle creation), but a guest that does
+    /// not should still be able to observe its fences; a WRITE outside the
+    /// context is only logged.
+    fn submit_3d(
+        &self,
+        hdr: &CtrlHdr,
+        payload: &[u8],
+        mem: &dyn GuestRanges,
+    ) -> Result<Outcome, GpuError> {
+        let mut outcome = Outcome::ok(Response::NoData);
+        if !fencelab_stream::is_stream(payload) {
+            return Ok(outcome);
+        }
+        for (index, op) in fencelab_stream::decode(payload)?.into_iter().enumerate() {
+            match op {
+                fencelab_stream::Op::Work { ns } => {
+                    outcome.work_ns = outcome.work_ns.saturating_add(ns);
+                }
+                fencelab_stream::Op::Fail { err } => {
+                    // The first FAIL decides the answer.
+                    if !outcome.response.is_error() {
+                        outcome.response = Response::Err(err);
+                    }
+                }
+                fencelab_stream::Op::Write {
+                    resource,
+                    offset,
+                    value,
+                } => {
+                    if self
+                        .contexts
+                        .get(&hdr.ctx_id)
+                        .is_some_and(|c| !c.resources.contains(&resource))
+                    {
+                        debug!(
+                            ctx = hdr.ctx_id,
+                            resource, "WRITE to a resource not attached to the context"
+                        );
+                    }
+                    let writes = self.resolve_write(index, resource, offset, value, mem)?;
+                    outcome.writes.extend(writes);
+                }
+                fencelab_stream::Op::Deadline { fence, ns } => {
+                    outcome.deadlines.push(DeadlineHint { fence, ns });
                 }
             }
-            other => {
-                debug!(
-                    ctx = hdr.ctx_id,
-                    fence_id = hdr.fence_id,
-                    op = ?other,
-                    "fencelab op accepted, not acted on yet"
-                );
-            }
         }
+        Ok(outcome)
     }
-    Ok(outcome)
+
+    /// Turns `WRITE{resource_id, offset, value}` (op number `op` of its
+    /// stream) into guest-physical writes: the resource's backing entries,
+    /// in order, form one linear byte range, and the value's 8
+    /// little-endian bytes are split where they straddle two entries.
+    fn resolve_write(
+        &self,
+        op: usize,
+        resource_id: u32,
+        offset: u64,
+        value: u64,
+        mem: &dyn GuestRanges,
+    ) -> Result<Vec<GuestWrite>, GpuError> {
+        let res = self
+            .resources
+            .get(&resource_id)
+            .ok_or(GpuError::WriteNoSuchResource { op, resource_id })?;
+        let backing = res
+            .backing
+            .as_deref()
+            .ok_or(GpuError::WriteNotBacked { op, resource_id })?;
+        let outside = || GpuError::WriteOutsideBacking {
+            op,
+            resource_id,
+            offset,
+            backing_len: res.backing_len(),
+        };
+        let end = offset.checked_add(WRITE_LEN).ok_or_else(outside)?;
+        if end > res.backing_len() {
+            return Err(outside());
+        }
+        let bytes = value.to_le_bytes();
+        let mut writes = Vec::new();
+        let mut entry_start = 0u64;
+        for e in backing {
+            let entry_end = entry_start + u64::from(e.length);
+            let from = offset.max(entry_start);
+            let to = end.min(entry_end);
+            if from < to {
+                let addr =
+                    e.addr
+                        .checked_add(from - entry_start)
+                        .ok_or(GpuError::WriteOutsideMemory {
+                            op,
+                            resource_id,
+                            addr: e.addr,
+                            len: to - from,
+                        })?;
+                let len = to - from;
+                if !mem.contains(addr, len) {
+                    return Err(GpuError::WriteOutsideMemory {
+                        op,
+                        resource_id,
+                        addr,
+                        len,
+                    });
+                }
+                let at = (from - offset) as usize;
+                writes.push(GuestWrite {
+                    addr,
+                    bytes: bytes[at..at + len as usize].to_vec(),
+                });
+            }
+            if entry_end >= end {
+                break;
+            }
+            entry_start = entry_end;
+        }
+        Ok(writes)
+    }
 }
 
 /// Checks that `r` lies inside `res`.
@@ -1079,15 +1215,11 @@ mod tests {
             (7, 1, VIRTIO_GPU_FLAG_FENCE)
         );
 
-        let s = encode(&[
-            Op::Write {
-                resource: 1,
-                offset: 0,
-                value: 1,
-            },
-            Op::Deadline { fence: 7, ns: 1 },
-        ]);
-        assert_eq!(run(&mut gpu, &submit(h, &s)).response, Response::NoData);
+        let s = encode(&[Op::Deadline { fence: 7, ns: 1 }, Op::Work { ns: 3 }]);
+        let out = run(&mut gpu, &submit(h, &s));
+        assert_eq!(out.response, Response::NoData);
+        assert_eq!(out.deadlines, vec![DeadlineHint { fence: 7, ns: 1 }]);
+        assert!(out.writes.is_empty());
 
         let mut bad = encode(&[Op::Work { ns: 1 }]);
         bad[8] = 0x55;
@@ -1100,6 +1232,258 @@ mod tests {
             run(&mut gpu, &submit(h, b"")).response,
             Response::Err(RESP_ERR_INVALID_CONTEXT_ID)
         );
+    }
+
+    /// A 3D resource `id` backed by `entries`, attached to context 1.
+    fn backed_3d(gpu: &mut Gpu, id: u32, entries: &[MemEntry]) {
+        let c3 = ResourceCreate3d {
+            resource_id: id,
+            width: 4096,
+            height: 1,
+            depth: 1,
+            array_size: 1,
+            ..ResourceCreate3d::default()
+        };
+        let create = req(hdr(CMD_RESOURCE_CREATE_3D), &[c3.as_slice()]);
+        assert_eq!(code(gpu, &create), RESP_OK_NODATA);
+        assert_eq!(code(gpu, &attach(id, entries)), RESP_OK_NODATA);
+    }
+
+    fn write_op(resource: u32, offset: u64, value: u64) -> Vec<u8> {
+        fencelab_stream::encode(&[fencelab_stream::Op::Write {
+            resource,
+            offset,
+            value,
+        }])
+    }
+
+    #[test]
+    fn write_resolves_into_one_backing_entry() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        backed_3d(
+            &mut gpu,
+            5,
+            &[entry(0x1000_0000, 4096), entry(0x1800_0000, 4096)],
+        );
+        let h = fenced(CMD_SUBMIT_3D, 1, 9);
+        let value = 0x0807_0605_0403_0201u64;
+
+        let out = run(&mut gpu, &submit(h, &write_op(5, 16, value)));
+        assert_eq!(out.response, Response::NoData, "{:?}", out.error);
+        assert_eq!(
+            out.writes,
+            vec![GuestWrite {
+                addr: 0x1000_0010,
+                bytes: vec![1, 2, 3, 4, 5, 6, 7, 8]
+            }]
+        );
+
+        // In the second entry: offset 4096 + 8 is 8 bytes into it.
+        let out = run(&mut gpu, &submit(h, &write_op(5, 4096 + 8, value)));
+        assert_eq!(
+            out.writes,
+            vec![GuestWrite {
+                addr: 0x1800_0008,
+                bytes: value.to_le_bytes().to_vec()
+            }]
+        );
+
+        // The last 8 bytes of the backing.
+        let out = run(&mut gpu, &submit(h, &write_op(5, 8192 - 8, 1)));
+        assert_eq!(out.writes.len(), 1);
+        assert_eq!(out.writes[0].addr, 0x1800_0ff8);
+    }
+
+    #[test]
+    fn write_straddling_two_entries_is_split() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        // Three entries: 4096 bytes, 3 bytes, 4096 bytes, far apart.
+        backed_3d(
+            &mut gpu,
+            6,
+            &[
+                entry(0x1000_0000, 4096),
+                entry(0x1200_0000, 3),
+                entry(0x1400_0000, 4096),
+            ],
+        );
+        let h = fenced(CMD_SUBMIT_3D, 1, 9);
+        let value = 0x0807_0605_0403_0201u64;
+        // Starts 2 bytes before the end of entry 0, covers all of entry 1,
+        // ends 3 bytes into entry 2.
+        let out = run(&mut gpu, &submit(h, &write_op(6, 4094, value)));
+        assert_eq!(out.response, Response::NoData, "{:?}", out.error);
+        assert_eq!(
+            out.writes,
+            vec![
+                GuestWrite {
+                    addr: 0x1000_0ffe,
+                    bytes: vec![1, 2]
+                },
+                GuestWrite {
+                    addr: 0x1200_0000,
+                    bytes: vec![3, 4, 5]
+                },
+                GuestWrite {
+                    addr: 0x1400_0000,
+                    bytes: vec![6, 7, 8]
+                },
+            ]
+        );
+        let total: usize = out.writes.iter().map(|w| w.bytes.len()).sum();
+        assert_eq!(total as u64, WRITE_LEN);
+    }
+
+    #[test]
+    fn several_writes_keep_stream_order_with_work_and_deadlines() {
+        use fencelab_stream::{Op, encode};
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        backed_3d(&mut gpu, 5, &[entry(0x1000_0000, 4096)]);
+        let s = encode(&[
+            Op::Write {
+                resource: 5,
+                offset: 8,
+                value: 2,
+            },
+            Op::Work { ns: 100 },
+            Op::Deadline { fence: 3, ns: 50 },
+            Op::Write {
+                resource: 5,
+                offset: 0,
+                value: 1,
+            },
+            Op::Deadline { fence: 4, ns: 60 },
+        ]);
+        let out = run(&mut gpu, &submit(fenced(CMD_SUBMIT_3D, 1, 4), &s));
+        assert_eq!(out.response, Response::NoData);
+        assert_eq!(out.work_ns, 100);
+        let addrs: Vec<u64> = out.writes.iter().map(|w| w.addr).collect();
+        assert_eq!(addrs, vec![0x1000_0008, 0x1000_0000]);
+        assert_eq!(
+            out.deadlines,
+            vec![
+                DeadlineHint { fence: 3, ns: 50 },
+                DeadlineHint { fence: 4, ns: 60 }
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_writes_refuse_the_command_precisely() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        backed_3d(&mut gpu, 5, &[entry(0x1000_0000, 16)]);
+        let c3 = ResourceCreate3d {
+            resource_id: 7,
+            width: 64,
+            height: 1,
+            ..ResourceCreate3d::default()
+        };
+        code(
+            &mut gpu,
+            &req(hdr(CMD_RESOURCE_CREATE_3D), &[c3.as_slice()]),
+        );
+        let h = fenced(CMD_SUBMIT_3D, 1, 9);
+        let refused = |gpu: &mut Gpu, payload: &[u8]| {
+            let out = run(gpu, &submit(h, payload));
+            assert!(out.writes.is_empty(), "nothing is written");
+            assert_eq!(out.work_ns, 0);
+            (out.response.code(), out.error.expect("an error is given"))
+        };
+
+        let mut two = write_op(5, 0, 1);
+        two.extend_from_slice(&write_op(9, 0, 1)[fencelab_stream::HEADER_LEN..]);
+        assert_eq!(
+            refused(&mut gpu, &two),
+            (
+                RESP_ERR_INVALID_RESOURCE_ID,
+                GpuError::WriteNoSuchResource {
+                    op: 1,
+                    resource_id: 9
+                }
+            )
+        );
+        assert_eq!(
+            refused(&mut gpu, &write_op(7, 0, 1)),
+            (
+                RESP_ERR_INVALID_PARAMETER,
+                GpuError::WriteNotBacked {
+                    op: 0,
+                    resource_id: 7
+                }
+            )
+        );
+        for offset in [9, 16, u64::MAX - 7, u64::MAX] {
+            let (code, error) = refused(&mut gpu, &write_op(5, offset, 1));
+            assert_eq!(code, RESP_ERR_INVALID_PARAMETER);
+            assert_eq!(
+                error,
+                GpuError::WriteOutsideBacking {
+                    op: 0,
+                    resource_id: 5,
+                    offset,
+                    backing_len: 16
+                }
+            );
+            assert!(error.to_string().contains("outside resource 5"), "{error}");
+        }
+        // 8 is the last offset that fits.
+        assert_eq!(
+            run(&mut gpu, &submit(h, &write_op(5, 8, 1))).response,
+            Response::NoData
+        );
+    }
+
+    #[test]
+    fn write_into_backing_that_left_guest_memory_is_refused() {
+        /// Guest memory that shrank after the backing was attached.
+        struct Shrunk;
+        impl GuestRanges for Shrunk {
+            fn contains(&self, addr: u64, len: u64) -> bool {
+                addr >= 0x1000_0000 && addr.checked_add(len).is_some_and(|e| e <= 0x1000_1000)
+            }
+        }
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        backed_3d(
+            &mut gpu,
+            5,
+            &[entry(0x1000_0000, 4096), entry(0x1800_0000, 4096)],
+        );
+        let (h, c) = decode(&submit(fenced(CMD_SUBMIT_3D, 1, 9), &write_op(5, 4092, 1))).unwrap();
+        let out = gpu.execute(&h, c, &Shrunk);
+        assert_eq!(out.response, Response::Err(RESP_ERR_INVALID_PARAMETER));
+        assert_eq!(
+            out.error,
+            Some(GpuError::WriteOutsideMemory {
+                op: 0,
+                resource_id: 5,
+                addr: 0x1800_0000,
+                len: 4
+            })
+        );
+        assert!(out.writes.is_empty());
+    }
+
+    #[test]
+    fn write_to_a_resource_outside_the_context_is_still_resolved() {
+        let mut gpu = Gpu::new();
+        code(&mut gpu, &ctx_create(1));
+        code(&mut gpu, &ctx_create(2));
+        backed_3d(&mut gpu, 5, &[entry(0x1000_0000, 4096)]);
+        assert_eq!(
+            code(&mut gpu, &rid_req(CMD_CTX_ATTACH_RESOURCE, 1, 5)),
+            RESP_OK_NODATA
+        );
+        let out = run(
+            &mut gpu,
+            &submit(fenced(CMD_SUBMIT_3D, 2, 3), &write_op(5, 0, 7)),
+        );
+        assert_eq!(out.response, Response::NoData);
+        assert_eq!(out.writes.len(), 1);
     }
 
     #[test]
