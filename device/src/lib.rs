@@ -11,6 +11,7 @@
 //! - [`stats`]: accounting for the shutdown summary.
 
 pub mod backend;
+pub mod control;
 pub mod decode;
 pub mod engine;
 pub mod fault;
