@@ -1,5 +1,6 @@
 //! Safe wrappers around the DRM ioctls fence-hammer needs: open a render
-//! node, read its driver version, submit a fenced virtio-gpu EXECBUFFER.
+//! node, read its driver version, submit a fenced virtio-gpu EXECBUFFER,
+//! create and map the buffer fencelab `WRITE`s land in.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use crate::readback::{MappedSlots, SlotMap, SlotMemory};
 use crate::uapi;
 
 /// The DRM driver name the workloads are written for.
@@ -215,6 +217,181 @@ impl RenderNode {
         // SAFETY: on success with FENCE_FD_OUT the kernel installed a new
         // sync_file fd in our table and handed ownership of it to us.
         Ok(unsafe { OwnedFd::from_raw_fd(eb.fence_fd) })
+    }
+}
+
+/// Page size assumed for buffer objects (x86_64).
+const PAGE_SIZE: u64 = 4096;
+
+/// What it means when waiting for the buffer's creation fence fails (the
+/// kernel gives up after 15 s): the run goes on regardless.
+const CREATE_WAIT_NOTE: &str = "the first WRITEs may be refused if the device has not created it";
+
+/// A virgl buffer resource mapped into this process: the memory fencelab
+/// `WRITE` ops land in (see [`crate::readback`]).
+///
+/// `DRM_IOCTL_VIRTGPU_RESOURCE_CREATE` makes the driver send
+/// `RESOURCE_CREATE_3D` (fenced) and `RESOURCE_ATTACH_BACKING` with the
+/// object's guest pages; `DRM_IOCTL_VIRTGPU_MAP` + mmap(2) map those same
+/// pages here, so a value the device stores is visible to a plain load.
+#[derive(Debug)]
+pub struct WriteBuffer {
+    /// A duplicate of the render node's fd: the same DRM file, so the same
+    /// GEM handle namespace (for `GEM_CLOSE` on drop).
+    file: File,
+    bo_handle: u32,
+    res_handle: u32,
+    mapping: *mut libc::c_void,
+    len: usize,
+    slots: MappedSlots,
+}
+
+impl WriteBuffer {
+    /// Creates, waits for and maps a buffer holding `map.slots()` slots.
+    pub fn create(node: &RenderNode, map: SlotMap) -> anyhow::Result<Self> {
+        let len = map.bytes().div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let size = u32::try_from(len).context("write buffer larger than 4 GiB")?;
+        let file = node
+            .file
+            .try_clone()
+            .context("cannot duplicate the render node fd")?;
+        let mut rc = uapi::DrmVirtgpuResourceCreate {
+            target: uapi::PIPE_BUFFER,
+            format: uapi::VIRGL_FORMAT_R8_UNORM,
+            bind: uapi::VIRGL_BIND_CUSTOM,
+            width: size,
+            height: 1,
+            depth: 1,
+            array_size: 1,
+            size,
+            ..Default::default()
+        };
+        // SAFETY: DRM_IOCTL_VIRTGPU_RESOURCE_CREATE takes a `struct
+        // drm_virtgpu_resource_create *` and holds no pointers.
+        unsafe {
+            uapi::ioctl(
+                file.as_fd(),
+                uapi::DRM_IOCTL_VIRTGPU_RESOURCE_CREATE,
+                &mut rc,
+            )
+        }
+        .with_context(|| {
+            format!("DRM_IOCTL_VIRTGPU_RESOURCE_CREATE (a {size}-byte virgl buffer) failed")
+        })?;
+        let handle = GemHandle {
+            file: &file,
+            handle: rc.bo_handle,
+        };
+
+        let mut wait = uapi::DrmVirtgpu3dWait {
+            handle: rc.bo_handle,
+            flags: 0,
+        };
+        // SAFETY: DRM_IOCTL_VIRTGPU_WAIT takes a `struct drm_virtgpu_3d_wait *`
+        // and holds no pointers.
+        if let Err(e) =
+            unsafe { uapi::ioctl(file.as_fd(), uapi::DRM_IOCTL_VIRTGPU_WAIT, &mut wait) }
+        {
+            eprintln!(
+                "fence-hammer: warning: DRM_IOCTL_VIRTGPU_WAIT on the write buffer: {e}; {CREATE_WAIT_NOTE}"
+            );
+        }
+
+        let mut m = uapi::DrmVirtgpuMap {
+            handle: rc.bo_handle,
+            ..Default::default()
+        };
+        // SAFETY: DRM_IOCTL_VIRTGPU_MAP takes a `struct drm_virtgpu_map *`
+        // and holds no pointers.
+        unsafe { uapi::ioctl(file.as_fd(), uapi::DRM_IOCTL_VIRTGPU_MAP, &mut m) }
+            .context("DRM_IOCTL_VIRTGPU_MAP on the write buffer failed")?;
+        let offset = libc::off_t::try_from(m.offset)
+            .with_context(|| format!("DRM_IOCTL_VIRTGPU_MAP returned offset {:#x}", m.offset))?;
+        // SAFETY: a new shared mapping of `len` bytes of the DRM fd at the
+        // offset the driver handed out for this object; no existing memory
+        // is affected.
+        let mapping = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if mapping == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("mmap of the {len}-byte write buffer failed"));
+        }
+        std::mem::forget(handle);
+        // SAFETY: the mapping is page-aligned, `len >= map.bytes()` readable
+        // bytes long, and lives as long as `self` (unmapped in drop).
+        let slots = unsafe { MappedSlots::new(mapping.cast::<u64>().cast_const(), map) };
+        Ok(Self {
+            file,
+            bo_handle: rc.bo_handle,
+            res_handle: rc.res_handle,
+            mapping,
+            len: len as usize,
+            slots,
+        })
+    }
+
+    pub fn bo_handle(&self) -> u32 {
+        self.bo_handle
+    }
+}
+
+impl SlotMemory for WriteBuffer {
+    fn res_handle(&self) -> u32 {
+        self.res_handle
+    }
+
+    fn map(&self) -> SlotMap {
+        self.slots.map()
+    }
+
+    fn read_slot(&self, slot: u64) -> Option<u64> {
+        self.slots.read(slot)
+    }
+}
+
+impl Drop for WriteBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `mapping`/`len` are exactly what mmap returned in
+        // `create`; nothing borrows the mapping past `self`.
+        unsafe { libc::munmap(self.mapping, self.len) };
+        drop(GemHandle {
+            file: &self.file,
+            handle: self.bo_handle,
+        });
+    }
+}
+
+/// Closes a GEM handle when dropped (on `create`'s error paths and in
+/// [`WriteBuffer`]'s drop).
+struct GemHandle<'a> {
+    file: &'a File,
+    handle: u32,
+}
+
+impl Drop for GemHandle<'_> {
+    fn drop(&mut self) {
+        let mut close = uapi::DrmGemClose {
+            handle: self.handle,
+            pad: 0,
+        };
+        // SAFETY: DRM_IOCTL_GEM_CLOSE takes a `struct drm_gem_close *` and
+        // holds no pointers; closing a handle only drops our reference.
+        if let Err(e) =
+            unsafe { uapi::ioctl(self.file.as_fd(), uapi::DRM_IOCTL_GEM_CLOSE, &mut close) }
+        {
+            eprintln!(
+                "fence-hammer: warning: DRM_IOCTL_GEM_CLOSE {}: {e}",
+                self.handle
+            );
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod drm;
 mod order;
+mod readback;
 mod report;
 mod sync_file;
 mod uapi;
@@ -23,7 +24,8 @@ use std::time::Duration;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::drm::RenderNode;
+use crate::drm::{RenderNode, WriteBuffer};
+use crate::readback::{SlotMap, SlotMemory};
 use crate::report::ResultLine;
 use crate::workloads::{Context, Params};
 
@@ -60,6 +62,10 @@ struct Cli {
     /// How long one fence may stay unsignaled, in ms
     #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
+
+    /// Do not give fences a WRITE to read back (no premature-signal check)
+    #[arg(long)]
+    no_write: bool,
 }
 
 fn emit(line: &ResultLine) {
@@ -145,6 +151,30 @@ fn main() -> ExitCode {
         cli.timeout_ms
     );
 
+    let buffer = if cli.no_write {
+        None
+    } else {
+        match WriteBuffer::create(&node, SlotMap::for_fences(cli.fences)) {
+            Ok(b) => {
+                eprintln!(
+                    "fence-hammer: WRITE read-back: resource {} (GEM handle {}), {} slots",
+                    b.res_handle(),
+                    b.bo_handle(),
+                    b.map().slots()
+                );
+                Some(b)
+            }
+            Err(e) => {
+                return setup_error(
+                    Some(workload.name),
+                    Some(node.path()),
+                    Some(&driver),
+                    format!("write buffer (use --no-write to run without): {e:#}"),
+                );
+            }
+        }
+    };
+
     let params = Params {
         fences: cli.fences,
         inflight: cli.inflight as usize,
@@ -153,6 +183,7 @@ fn main() -> ExitCode {
     };
     let mut ctx = Context {
         source: &mut node,
+        slots: buffer.as_ref().map(|b| b as &dyn SlotMemory),
         params,
         label: workload.name,
     };
@@ -179,6 +210,12 @@ mod tests {
         assert_eq!(
             (cli.fences, cli.inflight, cli.work_ns, cli.timeout_ms),
             (2000, 8, 0, 10_000)
+        );
+        assert!(!cli.no_write, "WRITE read-back is on by default");
+        assert!(
+            Cli::try_parse_from(["fence-hammer", "--no-write"])
+                .unwrap()
+                .no_write
         );
     }
 

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::readback::PrematureCheck;
+
 /// Prefix of the result line on stdout.
 pub const RESULT_PREFIX: &str = "FENCELAB_RESULT ";
 
@@ -13,7 +15,9 @@ pub const RESULT_PREFIX: &str = "FENCELAB_RESULT ";
 /// Every submission attempt ends in exactly one of signaled, errored or
 /// timed out, so at the end `submitted == signaled + errors + timeouts`.
 /// `out_of_order` counts fences that signaled before an older one; they are
-/// also counted in one of the three.
+/// also counted in one of the three. `submit_failures` counts the attempts
+/// whose EXECBUFFER ioctl failed (never reached the device); they are also
+/// in `errors`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     pub submitted: u64,
@@ -21,10 +25,13 @@ pub struct Counts {
     pub errors: u64,
     pub timeouts: u64,
     pub out_of_order: u64,
+    pub submit_failures: u64,
 }
 
 impl Counts {
-    /// The run held every invariant.
+    /// The run held every invariant. Premature signals (see
+    /// [`crate::readback`]) are not among them: they are findings about the
+    /// driver, which the host reports; the run itself still worked.
     pub fn ok(&self) -> bool {
         self.submitted == self.signaled
             && self.errors == 0
@@ -46,6 +53,8 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Error messages written to stderr so far.
     pub errors_logged: u64,
+    /// WRITE read-backs and the premature signals they caught.
+    pub premature: PrematureCheck,
 }
 
 /// Error messages beyond this many are counted but not printed (a device
@@ -114,6 +123,14 @@ pub struct ResultLine {
     pub rtt_us: RttUs,
     pub first_error: Option<String>,
     pub timeline_name: Option<String>,
+    /// Fences seen signaled before their WRITE landed.
+    pub premature_signals: u64,
+    /// The first few of them, by fence number (0-based submission order).
+    pub premature_fences: Vec<u64>,
+    /// WRITE read-backs done (0 with `--no-write`).
+    pub write_checks: u64,
+    /// EXECBUFFER ioctls that failed (also in `fence_errors`).
+    pub submit_failures: u64,
     pub ok: bool,
 }
 
@@ -144,6 +161,10 @@ impl ResultLine {
             rtt_us: RttUs::from_ns(&o.rtt_ns),
             first_error: o.first_error.clone(),
             timeline_name: o.timeline_name.clone(),
+            premature_signals: o.premature.premature,
+            premature_fences: o.premature.first.clone(),
+            write_checks: o.premature.checks,
+            submit_failures: o.counts.submit_failures,
             ok: o.counts.ok(),
         }
     }
@@ -173,6 +194,10 @@ impl ResultLine {
             },
             first_error: Some(error),
             timeline_name: None,
+            premature_signals: 0,
+            premature_fences: Vec::new(),
+            write_checks: 0,
+            submit_failures: 0,
             ok: false,
         }
     }
@@ -273,7 +298,7 @@ mod tests {
         }
     }
 
-    const KEYS: [&str; 14] = [
+    const KEYS: [&str; 18] = [
         "workload",
         "device",
         "driver",
@@ -287,6 +312,10 @@ mod tests {
         "rtt_us",
         "first_error",
         "timeline_name",
+        "premature_signals",
+        "premature_fences",
+        "write_checks",
+        "submit_failures",
         "ok",
     ];
 
@@ -303,6 +332,11 @@ mod tests {
             timeline_name: Some("signaled-timeline".into()),
             elapsed: Duration::from_millis(2),
             errors_logged: 0,
+            premature: PrematureCheck {
+                checks: 4,
+                premature: 2,
+                first: vec![1, 3],
+            },
         };
         let line =
             ResultLine::from_outcome("smoke", "/dev/dri/renderD128", "virtio_gpu", &o).to_line();
@@ -330,7 +364,14 @@ mod tests {
         assert_eq!(m["rtt_us"]["max"], 4000);
         assert_eq!(m["first_error"], Value::Null);
         assert_eq!(m["timeline_name"], "signaled-timeline");
-        assert_eq!(m["ok"], true);
+        assert_eq!(m["premature_signals"], 2);
+        assert_eq!(m["premature_fences"], serde_json::json!([1, 3]));
+        assert_eq!(m["write_checks"], 4);
+        assert_eq!(m["submit_failures"], 0);
+        assert_eq!(
+            m["ok"], true,
+            "premature signals are findings, not failures"
+        );
     }
 
     #[test]

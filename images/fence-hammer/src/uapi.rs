@@ -5,8 +5,13 @@
 //! Sources (Linux 7.3 uapi):
 //! - `include/uapi/drm/drm.h`: `struct drm_version`, `DRM_IOCTL_VERSION`,
 //!   `DRM_COMMAND_BASE`, ioctl type `'d'`.
+//! - `include/uapi/drm/drm.h`: `struct drm_gem_close`, `DRM_IOCTL_GEM_CLOSE`.
 //! - `include/uapi/drm/virtgpu_drm.h`: `struct drm_virtgpu_execbuffer`,
-//!   `DRM_IOCTL_VIRTGPU_EXECBUFFER`, `VIRTGPU_EXECBUF_*`.
+//!   `DRM_IOCTL_VIRTGPU_EXECBUFFER`, `VIRTGPU_EXECBUF_*`,
+//!   `struct drm_virtgpu_resource_create`, `struct drm_virtgpu_map`,
+//!   `struct drm_virtgpu_3d_wait` and their ioctls.
+//! - `src/gallium/drivers/virgl/virgl_hw.h` (Mesa): the buffer target,
+//!   format and bind values a virgl buffer resource is created with.
 //! - `include/uapi/linux/sync_file.h`: `struct sync_file_info`,
 //!   `struct sync_fence_info`, `struct sync_merge_data`,
 //!   `struct sync_set_deadline`, `SYNC_IOC_*`.
@@ -133,8 +138,93 @@ pub const DRM_IOCTL_VERSION: c_ulong = iowr::<DrmVersion>(DRM_IOCTL_BASE, 0x00);
 // virtgpu_drm.h
 // ---------------------------------------------------------------------------
 
+/// `struct drm_gem_close`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrmGemClose {
+    pub handle: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<DrmGemClose>() == 8);
+
+/// `DRM_IOCTL_GEM_CLOSE = DRM_IOW(0x09, struct drm_gem_close)`.
+pub const DRM_IOCTL_GEM_CLOSE: c_ulong = iow::<DrmGemClose>(DRM_IOCTL_BASE, 0x09);
+
+/// `DRM_VIRTGPU_MAP`.
+pub const DRM_VIRTGPU_MAP: u8 = 0x01;
 /// `DRM_VIRTGPU_EXECBUFFER`.
 pub const DRM_VIRTGPU_EXECBUFFER: u8 = 0x02;
+/// `DRM_VIRTGPU_RESOURCE_CREATE`.
+pub const DRM_VIRTGPU_RESOURCE_CREATE: u8 = 0x04;
+/// `DRM_VIRTGPU_WAIT`.
+pub const DRM_VIRTGPU_WAIT: u8 = 0x08;
+
+/// `struct drm_virtgpu_map`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrmVirtgpuMap {
+    /// Out: the fake offset to pass to mmap(2) on the DRM fd.
+    pub offset: u64,
+    pub handle: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<DrmVirtgpuMap>() == 16);
+
+/// `DRM_IOCTL_VIRTGPU_MAP = DRM_IOWR(DRM_COMMAND_BASE + 0x01, struct drm_virtgpu_map)`.
+pub const DRM_IOCTL_VIRTGPU_MAP: c_ulong =
+    iowr::<DrmVirtgpuMap>(DRM_IOCTL_BASE, DRM_COMMAND_BASE + DRM_VIRTGPU_MAP);
+
+/// `struct drm_virtgpu_resource_create`. With virgl the driver sends
+/// `RESOURCE_CREATE_3D` with these fields, then `RESOURCE_ATTACH_BACKING`
+/// with the buffer's guest pages (`size` bytes; one page when 0).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrmVirtgpuResourceCreate {
+    pub target: u32,
+    pub format: u32,
+    pub bind: u32,
+    pub width: u32,
+    pub height: u32,
+    pub depth: u32,
+    pub array_size: u32,
+    pub last_level: u32,
+    pub nr_samples: u32,
+    pub flags: u32,
+    /// Out: the GEM handle in this DRM file.
+    pub bo_handle: u32,
+    /// Out: the device's resource id.
+    pub res_handle: u32,
+    pub size: u32,
+    pub stride: u32,
+}
+const _: () = assert!(size_of::<DrmVirtgpuResourceCreate>() == 56);
+
+/// `DRM_IOCTL_VIRTGPU_RESOURCE_CREATE = DRM_IOWR(DRM_COMMAND_BASE + 0x04, struct drm_virtgpu_resource_create)`.
+pub const DRM_IOCTL_VIRTGPU_RESOURCE_CREATE: c_ulong = iowr::<DrmVirtgpuResourceCreate>(
+    DRM_IOCTL_BASE,
+    DRM_COMMAND_BASE + DRM_VIRTGPU_RESOURCE_CREATE,
+);
+
+/// `struct drm_virtgpu_3d_wait`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrmVirtgpu3dWait {
+    pub handle: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<DrmVirtgpu3dWait>() == 8);
+
+/// `DRM_IOCTL_VIRTGPU_WAIT = DRM_IOWR(DRM_COMMAND_BASE + 0x08, struct drm_virtgpu_3d_wait)`:
+/// waits (up to 15 s in the kernel) until the BO's fences have signaled.
+pub const DRM_IOCTL_VIRTGPU_WAIT: c_ulong =
+    iowr::<DrmVirtgpu3dWait>(DRM_IOCTL_BASE, DRM_COMMAND_BASE + DRM_VIRTGPU_WAIT);
+
+/// Gallium `PIPE_BUFFER`: a linear buffer resource (virgl_hw.h targets).
+pub const PIPE_BUFFER: u32 = 0;
+/// `VIRGL_FORMAT_R8_UNORM`, the format virgl gives buffers.
+pub const VIRGL_FORMAT_R8_UNORM: u32 = 64;
+/// `VIRGL_BIND_CUSTOM`: memory the host treats as plain bytes.
+pub const VIRGL_BIND_CUSTOM: u32 = 1 << 17;
 
 /// `VIRTGPU_EXECBUF_FENCE_FD_IN`: `fence_fd` is an in-fence to wait for.
 #[allow(dead_code)] // for later workloads (fence chains)
@@ -269,6 +359,10 @@ mod tests {
         assert_eq!(SYNC_IOC_SET_DEADLINE, 0x4010_3E05);
         assert_eq!(DRM_IOCTL_VERSION, 0xC040_6400);
         assert_eq!(DRM_IOCTL_VIRTGPU_EXECBUFFER, 0xC040_6442);
+        assert_eq!(DRM_IOCTL_VIRTGPU_MAP, 0xC010_6441);
+        assert_eq!(DRM_IOCTL_VIRTGPU_RESOURCE_CREATE, 0xC038_6444);
+        assert_eq!(DRM_IOCTL_VIRTGPU_WAIT, 0xC008_6448);
+        assert_eq!(DRM_IOCTL_GEM_CLOSE, 0x4008_6409);
 
         assert_eq!(SYNC_IOC_FILE_INFO, by_hand(3, b'>', 4, 56));
         assert_eq!(SYNC_IOC_SET_DEADLINE, by_hand(1, b'>', 5, 16));
@@ -288,6 +382,11 @@ mod tests {
         assert_eq!(size_of::<SyncMergeData>(), 48);
         assert_eq!(size_of::<SyncSetDeadline>(), 16);
         assert_eq!(align_of::<DrmVirtgpuExecbuffer>(), 8);
+        assert_eq!(size_of::<DrmVirtgpuResourceCreate>(), 56);
+        assert_eq!(size_of::<DrmVirtgpuMap>(), 16);
+        assert_eq!(align_of::<DrmVirtgpuMap>(), 8);
+        assert_eq!(size_of::<DrmVirtgpu3dWait>(), 8);
+        assert_eq!(size_of::<DrmGemClose>(), 8);
     }
 
     #[test]
@@ -306,6 +405,14 @@ mod tests {
         assert_eq!(offset_of!(DrmVirtgpuExecbuffer, num_out_syncobjs), 44);
         assert_eq!(offset_of!(DrmVirtgpuExecbuffer, in_syncobjs), 48);
         assert_eq!(offset_of!(DrmVirtgpuExecbuffer, out_syncobjs), 56);
+        // struct drm_virtgpu_resource_create: fourteen __u32 in order.
+        assert_eq!(offset_of!(DrmVirtgpuResourceCreate, flags), 36);
+        assert_eq!(offset_of!(DrmVirtgpuResourceCreate, bo_handle), 40);
+        assert_eq!(offset_of!(DrmVirtgpuResourceCreate, res_handle), 44);
+        assert_eq!(offset_of!(DrmVirtgpuResourceCreate, size), 48);
+        assert_eq!(offset_of!(DrmVirtgpuResourceCreate, stride), 52);
+        // struct drm_virtgpu_map
+        assert_eq!(offset_of!(DrmVirtgpuMap, handle), 8);
         // struct sync_file_info
         assert_eq!(offset_of!(SyncFileInfo, status), 32);
         assert_eq!(offset_of!(SyncFileInfo, num_fences), 40);

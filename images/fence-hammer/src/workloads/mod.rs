@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use crate::drm::RenderNode;
+use crate::readback::SlotMemory;
 use crate::report::{Counts, Outcome};
 use crate::sync_file::{self, FileInfo, SyncFileError};
 
@@ -78,6 +79,9 @@ impl FenceSource for RenderNode {
 /// Everything a workload gets to run with.
 pub struct Context<'a> {
     pub source: &'a mut dyn FenceSource,
+    /// Where fences `WRITE` their values for the read-back check; `None`
+    /// with `--no-write`.
+    pub slots: Option<&'a dyn SlotMemory>,
     pub params: Params,
     /// Name used in progress lines.
     pub label: &'a str,

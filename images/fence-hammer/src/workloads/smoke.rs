@@ -13,15 +13,24 @@
 //! `--timeout-ms` after its submission counts as timed out, and then no new
 //! fence is submitted (the timeline is stuck; the outstanding ones still get
 //! their full timeout).
+//!
+//! WRITE read-back (unless `--no-write`): each fence's stream also carries
+//! a `WRITE` of its own value into its slot of the write buffer (see
+//! [`crate::readback`]). The slots of the fences a poll pass found ready are
+//! read right after that pass; a fence that then reads as signaled (without
+//! error) but whose value is missing was signaled prematurely. Premature
+//! signals are counted and listed, not treated as errors: the upstream
+//! driver signals every earlier fence of its timeline whenever one
+//! completes, so a device that completes out of order makes it signal fences
+//! early, and measuring that is the point.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use fencelab_stream::{Op, encode};
-
 use super::{Context, Workload};
 use crate::order::{TimestampOrder, ready_before_older};
+use crate::readback;
 use crate::report::Outcome;
 use crate::sync_file::{self, Readiness, Status};
 
@@ -43,7 +52,7 @@ struct InFlight {
 
 fn run(ctx: &mut Context<'_>) -> Outcome {
     let p = ctx.params;
-    let command = encode(&[Op::Work { ns: p.work_ns }]);
+    let slot_map = ctx.slots.map(|m| m.map());
     let mut out = Outcome::default();
     let mut ts_order = TimestampOrder::default();
     let mut queue: VecDeque<InFlight> = VecDeque::with_capacity(p.inflight);
@@ -52,11 +61,17 @@ fn run(ctx: &mut Context<'_>) -> Outcome {
     let start = Instant::now();
 
     loop {
-        // Top up to `inflight` outstanding fences.
-        while !stuck && next_seq < p.fences && queue.len() < p.inflight {
+        // Top up to `inflight` outstanding fences, never reusing the WRITE
+        // slot of one still outstanding.
+        while !stuck
+            && next_seq < p.fences
+            && queue.len() < p.inflight
+            && slot_map.is_none_or(|m| m.is_free(next_seq, queue.front().map(|f| f.seq)))
+        {
             let seq = next_seq;
             next_seq += 1;
             out.counts.submitted += 1;
+            let command = readback::command(seq, p.work_ns, ctx.slots);
             let submitted_at = Instant::now();
             match ctx.source.submit(&command) {
                 Ok(fence) => {
@@ -72,6 +87,7 @@ fn run(ctx: &mut Context<'_>) -> Outcome {
                 }
                 Err(e) => {
                     out.counts.errors += 1;
+                    out.counts.submit_failures += 1;
                     out.note_error(format!(
                         "fence #{seq}: DRM_IOCTL_VIRTGPU_EXECBUFFER failed: {e}"
                     ));
@@ -103,11 +119,23 @@ fn run(ctx: &mut Context<'_>) -> Outcome {
         };
         drop(newest_first);
         let polled_at = Instant::now();
+        // Read the WRITE slots of the ready fences first: the sooner after
+        // the signal, the smaller the chance that a late completion hides
+        // a premature signal.
+        let observed: Vec<Option<u64>> = queue
+            .iter()
+            .zip(&states)
+            .map(|(f, state)| match (state, ctx.slots) {
+                (Readiness::Ready, Some(m)) => readback::observe(f.seq, m),
+                _ => None,
+            })
+            .collect();
         let ready: Vec<bool> = states.iter().map(|s| *s != Readiness::Pending).collect();
         let early = ready_before_older(&ready);
 
         let mut still = VecDeque::with_capacity(queue.len());
-        for ((f, state), early) in queue.drain(..).zip(states).zip(early) {
+        for (((f, state), early), observed) in queue.drain(..).zip(states).zip(early).zip(observed)
+        {
             match state {
                 Readiness::Pending if polled_at >= f.deadline => {
                     out.counts.timeouts += 1;
@@ -126,7 +154,14 @@ fn run(ctx: &mut Context<'_>) -> Outcome {
                         f.seq
                     ));
                 }
-                Readiness::Ready => complete(ctx, &mut out, &mut ts_order, f, polled_at, early),
+                Readiness::Ready => {
+                    let seen = Seen {
+                        polled_at,
+                        signaled_before_older: early,
+                        slot_value: observed,
+                    };
+                    complete(ctx, &mut out, &mut ts_order, f, seen)
+                }
             }
         }
         queue = still;
@@ -137,15 +172,28 @@ fn run(ctx: &mut Context<'_>) -> Outcome {
     out
 }
 
+/// What the poll pass that found a fence ready saw of it.
+struct Seen {
+    polled_at: Instant,
+    /// Ready while an older fence was not.
+    signaled_before_older: bool,
+    /// Its WRITE slot, read right after the pass (`None` without a buffer).
+    slot_value: Option<u64>,
+}
+
 /// Reads a signaled fence, counts it and closes it.
 fn complete(
     ctx: &mut Context<'_>,
     out: &mut Outcome,
     ts_order: &mut TimestampOrder,
     f: InFlight,
-    polled_at: Instant,
-    signaled_before_older: bool,
+    seen: Seen,
 ) {
+    let Seen {
+        polled_at,
+        signaled_before_older,
+        slot_value,
+    } = seen;
     let seq = f.seq;
     let info = match ctx.source.info(f.fence.as_fd()) {
         Ok(info) => info,
@@ -164,6 +212,9 @@ fn complete(
             out.counts.signaled += 1;
             out.rtt_ns
                 .push(polled_at.duration_since(f.submitted_at).as_nanos() as u64);
+            if ctx.slots.is_some() && out.premature.record(seq, slot_value) {
+                note_premature(ctx, out, seq, slot_value);
+            }
         }
         Status::Error(errno) => {
             out.counts.errors += 1;
@@ -201,6 +252,23 @@ fn complete(
     // `f.fence` is closed here.
 }
 
+/// Logs the first premature signals (they are findings, not errors).
+fn note_premature(ctx: &Context<'_>, out: &Outcome, seq: u64, slot_value: Option<u64>) {
+    let n = out.premature.premature;
+    if n <= readback::MAX_PREMATURE_LISTED as u64 {
+        let found = match slot_value {
+            Some(0) => "nothing written yet".to_string(),
+            Some(v) => format!("{v:#x}"),
+            None => "an unreadable slot".to_string(),
+        };
+        eprintln!(
+            "fence-hammer: {}: premature signal #{n}: fence #{seq} signaled, its WRITE slot holds {found}, not {:#x}",
+            ctx.label,
+            readback::SlotMap::value(seq)
+        );
+    }
+}
+
 /// The timeline and driver names of a live fence, for the log: once a fence
 /// has signaled, Linux reports placeholder names for it instead.
 fn log_live_names(ctx: &mut Context<'_>, fence: BorrowedFd<'_>) {
@@ -222,12 +290,16 @@ fn log_live_names(ctx: &mut Context<'_>, fence: BorrowedFd<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::readback::SlotMap;
+    use crate::readback::tests::FakeSlots;
     use crate::sync_file::{FenceInfo, FileInfo, SyncFileError};
     use crate::workloads::{FenceSource, Params};
+    use fencelab_stream::Op;
     use std::collections::{HashMap, HashSet};
     use std::fs::File;
     use std::io::{self, Write};
     use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+    use std::rc::Rc;
     use std::time::Duration;
 
     type SignalPolicy = Box<dyn Fn(u64) -> Vec<u64>>;
@@ -245,6 +317,12 @@ mod tests {
         signaled: HashSet<u64>,
         next: u64,
         commands: Vec<Vec<u8>>,
+        /// The write buffer: a fence's WRITEs land in it when it is
+        /// signaled, unless the fence is in `premature`.
+        memory: Option<Rc<FakeSlots>>,
+        /// Fences signaled without their WRITEs (as a driver signaling a
+        /// fence the device has not completed would).
+        premature: HashSet<u64>,
     }
 
     impl FakeGpu {
@@ -259,6 +337,8 @@ mod tests {
                 signaled: HashSet::new(),
                 next: 0,
                 commands: Vec::new(),
+                memory: None,
+                premature: HashSet::new(),
             }
         }
 
@@ -267,6 +347,11 @@ mod tests {
         }
 
         fn signal(&mut self, seq: u64) {
+            if let Some(memory) = &self.memory {
+                if !self.premature.contains(&seq) {
+                    memory.apply(&self.commands[seq as usize]);
+                }
+            }
             if self.signaled.insert(seq) {
                 self.writers
                     .get_mut(&seq)
@@ -338,10 +423,102 @@ mod tests {
     fn run_on(gpu: &mut FakeGpu, p: Params) -> Outcome {
         let mut ctx = Context {
             source: gpu,
+            slots: None,
             params: p,
             label: "smoke-test",
         };
         run(&mut ctx)
+    }
+
+    /// Runs with a write buffer of `slots` slots for resource 9.
+    fn run_writing(gpu: &mut FakeGpu, p: Params, slots: u64) -> Outcome {
+        let memory = Rc::new(FakeSlots::new(9, SlotMap::new(slots)));
+        gpu.memory = Some(memory.clone());
+        let mut ctx = Context {
+            source: gpu,
+            slots: Some(&*memory),
+            params: p,
+            label: "smoke-test",
+        };
+        run(&mut ctx)
+    }
+
+    #[test]
+    fn every_fence_writes_its_value_and_is_read_back() {
+        let mut gpu = FakeGpu::in_order();
+        let o = run_writing(&mut gpu, params(300, 8, 5_000), 300);
+        assert!(o.counts.ok(), "{o:?}");
+        assert_eq!(o.premature.checks, 300);
+        assert_eq!(o.premature.premature, 0);
+        for (seq, command) in gpu.commands.iter().enumerate() {
+            let seq = seq as u64;
+            assert_eq!(
+                fencelab_stream::decode(command).unwrap(),
+                [
+                    Op::Work { ns: 250 },
+                    Op::Write {
+                        resource: 9,
+                        offset: seq * 8,
+                        value: seq + 1
+                    }
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_fence_signaled_without_its_write_is_premature() {
+        let mut gpu = FakeGpu::in_order();
+        gpu.premature = [3, 7, 40].into();
+        let o = run_writing(&mut gpu, params(50, 4, 5_000), 50);
+        assert_eq!(o.counts.signaled, 50);
+        assert_eq!(o.premature.checks, 50);
+        assert_eq!(o.premature.premature, 3);
+        assert_eq!(o.premature.first, vec![3, 7, 40]);
+        assert!(o.counts.ok(), "premature signals are findings, not errors");
+        assert_eq!(o.first_error, None);
+    }
+
+    #[test]
+    fn an_earlier_fence_signaled_by_a_later_completion_is_premature() {
+        // What the upstream driver does: fence 5 "hangs" on the device, and
+        // the completion of fence 6 signals it too, without its WRITE.
+        let mut gpu = FakeGpu::new(Box::new(|seq| match seq {
+            5 => vec![],
+            6 => vec![5, 6],
+            s => vec![s],
+        }));
+        gpu.premature = [5].into();
+        let o = run_writing(&mut gpu, params(10, 4, 5_000), 10);
+        assert!(o.counts.ok(), "{o:?}");
+        assert_eq!(
+            (o.premature.premature, o.premature.first.clone()),
+            (1, vec![5])
+        );
+    }
+
+    #[test]
+    fn slots_are_not_reused_while_their_fence_is_outstanding() {
+        // Two slots, eight in flight allowed, fences signaled at once: if
+        // fence n + 2 were submitted before fence n was read back, its
+        // value would overwrite fence n's and fence n would look premature.
+        let mut gpu = FakeGpu::in_order();
+        let o = run_writing(&mut gpu, params(50, 8, 5_000), 2);
+        assert!(o.counts.ok(), "{o:?}");
+        assert_eq!(o.premature.checks, 50);
+        assert_eq!(o.premature.premature, 0, "{:?}", o.premature.first);
+    }
+
+    #[test]
+    fn no_read_back_without_a_buffer() {
+        let mut gpu = FakeGpu::in_order();
+        let o = run_on(&mut gpu, params(20, 4, 5_000));
+        assert_eq!(o.premature.checks, 0);
+        assert!(
+            gpu.commands
+                .iter()
+                .all(|c| fencelab_stream::decode(c).unwrap() == [Op::Work { ns: 250 }])
+        );
     }
 
     #[test]
@@ -428,6 +605,7 @@ mod tests {
         assert_eq!(o.counts.submitted, 8);
         assert_eq!(o.counts.signaled, 6);
         assert_eq!(o.counts.errors, 2);
+        assert_eq!(o.counts.submit_failures, 1, "only fence 5's ioctl failed");
         assert_eq!(o.counts.out_of_order, 0);
         let err = o.first_error.unwrap();
         assert!(err.starts_with("fence #2: signaled with error -5"), "{err}");
@@ -483,6 +661,7 @@ mod tests {
         };
         let mut ctx = Context {
             source: &mut gpu,
+            slots: None,
             params: params(20, 4, 5_000),
             label: "threaded",
         };
