@@ -9,12 +9,18 @@
 //! - [`engine`]: the fence completion loop.
 //! - [`backend`]: the `VhostUserBackend` implementation and vring plumbing.
 //! - [`stats`]: accounting for the shutdown summary.
+//! - [`plan`]: fault plans (TOML), checked with precise errors.
+//! - [`decide`]: the seeded decider that applies a plan to each fence.
+//! - [`trace`]: the JSON-lines trace, and replaying a run from it.
 
 pub mod backend;
 pub mod control;
+pub mod decide;
 pub mod decode;
 pub mod engine;
 pub mod fault;
 pub mod gpu;
+pub mod plan;
 pub mod protocol;
 pub mod stats;
+pub mod trace;
