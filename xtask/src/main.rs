@@ -7,6 +7,7 @@ mod boot;
 mod cmd;
 mod console;
 mod cpio;
+mod crosscheck;
 mod guest;
 mod image;
 mod kernel;

@@ -38,7 +38,85 @@ pub struct GuestResult {
     pub first_error: Option<String>,
     #[serde(default)]
     pub timeline_name: Option<String>,
+    /// Fences seen signaled before their WRITE landed (driver findings).
+    #[serde(default)]
+    pub premature_signals: u64,
+    /// The first few of them (fence-hammer's 0-based fence numbers).
+    #[serde(default)]
+    pub premature_fences: Vec<u64>,
+    /// WRITE read-backs done; 0 when fence-hammer ran with `--no-write`.
+    #[serde(default)]
+    pub write_checks: u64,
+    /// EXECBUFFER ioctls that failed: these never reached the device.
+    #[serde(default)]
+    pub submit_failures: u64,
     pub ok: bool,
+}
+
+impl GuestResult {
+    /// Fences that reached the device: every submission attempt except the
+    /// ioctls that failed.
+    pub fn fences_sent(&self) -> u64 {
+        self.fences_submitted.saturating_sub(self.submit_failures)
+    }
+}
+
+/// The device's fence accounting (`fault::Accounting` in fencelab-device):
+/// every fence it accepted is in exactly one of `completed`, `hung`,
+/// `pending` or `abandoned`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Accounting {
+    pub submitted: u64,
+    pub completed: u64,
+    pub errored: u64,
+    pub hung: u64,
+    pub pending: u64,
+    pub abandoned: u64,
+    pub released: u64,
+    pub irq_dropped: u64,
+    pub irq_spurious: u64,
+    pub deadline_hints: u64,
+    pub deadline_boosts: u64,
+}
+
+impl Accounting {
+    /// `completed + hung + pending + abandoned`: must equal `submitted`.
+    pub fn accounted(&self) -> u64 {
+        self.completed + self.hung + self.pending + self.abandoned
+    }
+
+    pub fn one_line(&self) -> String {
+        let mut s = format!("{} submitted, {} completed", self.submitted, self.completed);
+        for (n, what) in [
+            (self.errored, "errored"),
+            (self.hung, "hung"),
+            (self.pending, "pending"),
+            (self.abandoned, "abandoned"),
+            (self.released, "released"),
+            (self.irq_dropped, "irq dropped"),
+            (self.irq_spurious, "irq spurious"),
+            (self.deadline_hints, "deadline hints"),
+            (self.deadline_boosts, "deadline boosts"),
+        ] {
+            if n != 0 {
+                s.push_str(&format!(", {n} {what}"));
+            }
+        }
+        s
+    }
+}
+
+/// Something the run found out about the driver under test: reported, not
+/// a failure of the harness (`boot --fail-on-findings` makes it one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// `premature_signal` or `hung_fence_never_signaled`.
+    pub kind: String,
+    pub count: u64,
+    /// The first few fences concerned (fence-hammer's fence numbers), when known.
+    pub fences: Vec<u64>,
+    pub detail: String,
 }
 
 /// The device's `fencelab-device: summary {json}` line.
@@ -50,9 +128,23 @@ pub struct DeviceSummary {
     pub commands: serde_json::Value,
     #[serde(default)]
     pub error_responses: serde_json::Value,
+    /// The seed every random decision was drawn from.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Totals over all timelines.
+    #[serde(default)]
+    pub accounting: Option<Accounting>,
+    /// Per command type, e.g. `"SUBMIT_3D"`.
+    #[serde(default)]
+    pub accounting_by_command: Option<BTreeMap<String, Accounting>>,
+    /// Per timeline, keyed `"CTX.RING"`.
+    #[serde(default)]
+    pub timelines: BTreeMap<String, Accounting>,
 }
 
 pub const DEVICE_SUMMARY_MARKER: &str = "fencelab-device: summary ";
+/// The line fencelab-device prints at start: `fencelab-device: seed N`.
+pub const DEVICE_SEED_MARKER: &str = "fencelab-device: seed ";
 
 impl DeviceSummary {
     /// The last summary line in the device log, if there is one.
@@ -63,6 +155,25 @@ impl DeviceSummary {
             .find_map(|line| line.split_once(DEVICE_SUMMARY_MARKER))
             .and_then(|(_, json)| serde_json::from_str(json.trim()).ok())
     }
+
+    /// The `SUBMIT_3D` accounting: the fences fence-hammer's EXECBUFFERs
+    /// became. `None` when the device reports no per-command accounting;
+    /// zeros when it does but saw no `SUBMIT_3D`.
+    pub fn submit_3d(&self) -> Option<Accounting> {
+        self.accounting_by_command
+            .as_ref()
+            .map(|m| m.get("SUBMIT_3D").copied().unwrap_or_default())
+    }
+}
+
+/// The seed from the device's start line (`fencelab-device: seed N`), when
+/// it printed one.
+pub fn seed_from_log(log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|line| {
+        let (_, rest) = line.split_once(DEVICE_SEED_MARKER)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +205,9 @@ pub struct Summary {
     pub out_of_order: u64,
     pub fences_per_s: f64,
     pub rtt_us: RoundTrip,
+    pub premature_signals: u64,
+    pub premature_fences: Vec<u64>,
+    pub write_checks: u64,
     pub splats: Vec<String>,
     pub splat_details: Vec<Splat>,
     pub boot_to_result_ms: Option<u64>,
@@ -102,32 +216,49 @@ pub struct Summary {
     pub guest_release: Option<String>,
     pub guest_config: BTreeMap<String, String>,
     pub accel: Accel,
-    pub latency: String,
+    /// The fixed latency, when no plan was given.
+    pub latency: Option<String>,
+    /// The plan file, when one was given.
+    pub plan: Option<PathBuf>,
+    /// The seed the device drew its decisions from.
+    pub seed: Option<u64>,
+    /// The device's decision trace (JSON lines), replayable with `--replay`.
+    pub trace: Option<PathBuf>,
     pub device: Option<DeviceSummary>,
     pub qemu_exit: Option<i32>,
     pub run_dir: PathBuf,
     pub reproduce: String,
+    /// Facts about the driver under test; not failures.
+    pub findings: Vec<Finding>,
+    pub failures: Vec<String>,
+}
+
+/// How the run went, apart from what the guest and the console said.
+#[derive(Debug)]
+pub struct RunInfo {
+    pub boot_to_result_ms: Option<u64>,
+    pub prepare_secs: f64,
+    pub qemu_exit: Option<i32>,
+    pub run_dir: PathBuf,
+    pub seed: Option<u64>,
+    pub trace: Option<PathBuf>,
+    pub reproduce: String,
+    pub findings: Vec<Finding>,
     pub failures: Vec<String>,
 }
 
 impl Summary {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         args: &BootArgs,
         kernel: KernelInfo,
         console: ConsoleReport,
         guest: Option<GuestResult>,
         device: Option<DeviceSummary>,
-        boot_to_result_ms: Option<u64>,
-        prepare_secs: f64,
-        qemu_exit: Option<i32>,
-        run_dir: PathBuf,
-        reproduce: String,
-        failures: Vec<String>,
+        run: RunInfo,
     ) -> Self {
         let guest_ref = guest.as_ref();
         Self {
-            ok: failures.is_empty(),
+            ok: run.failures.is_empty(),
             workload: args.workload.clone(),
             fences_submitted: guest_ref.map_or(0, |g| g.fences_submitted),
             fences_signaled: guest_ref.map_or(0, |g| g.fences_signaled),
@@ -136,20 +267,27 @@ impl Summary {
             out_of_order: guest_ref.map_or(0, |g| g.out_of_order),
             fences_per_s: guest_ref.map_or(0.0, |g| g.fences_per_s),
             rtt_us: guest_ref.map(|g| g.rtt_us.clone()).unwrap_or_default(),
+            premature_signals: guest_ref.map_or(0, |g| g.premature_signals),
+            premature_fences: guest_ref.map_or(Vec::new(), |g| g.premature_fences.clone()),
+            write_checks: guest_ref.map_or(0, |g| g.write_checks),
             splats: console.splats.iter().map(Splat::summary).collect(),
             splat_details: console.splats,
-            boot_to_result_ms,
-            prepare_secs,
+            boot_to_result_ms: run.boot_to_result_ms,
+            prepare_secs: run.prepare_secs,
             kernel,
             guest_release: console.booted_release,
             guest_config: console.guest_config,
             accel: args.accel,
-            latency: args.latency.clone(),
+            latency: args.plan.is_none().then(|| args.latency.clone()),
+            plan: args.plan.clone(),
+            seed: run.seed,
+            trace: run.trace,
             device,
-            qemu_exit,
-            run_dir,
-            reproduce,
-            failures,
+            qemu_exit: run.qemu_exit,
+            run_dir: run.run_dir,
+            reproduce: run.reproduce,
+            findings: run.findings,
+            failures: run.failures,
         }
     }
 }
@@ -180,13 +318,33 @@ pub fn print(summary: &Summary, json: bool) {
             ),
         ),
         (
-            "device fences",
-            summary.device.as_ref().map_or("no summary".into(), |d| {
+            "premature signals",
+            if summary.write_checks == 0 {
+                "not checked (no WRITE read-backs)".into()
+            } else if summary.premature_signals == 0 {
+                format!("none in {} read-backs", summary.write_checks)
+            } else {
                 format!(
-                    "{} submitted, {} completed",
-                    d.fences_submitted, d.fences_completed
+                    "{} in {} read-backs (first fences: {})",
+                    summary.premature_signals,
+                    summary.write_checks,
+                    join_numbers(&summary.premature_fences)
                 )
-            }),
+            },
+        ),
+        ("device fences", device_fences(summary.device.as_ref())),
+        (
+            "findings",
+            if summary.findings.is_empty() {
+                "none".into()
+            } else {
+                summary
+                    .findings
+                    .iter()
+                    .map(|f| format!("{} ×{}: {}", f.kind, f.count, f.detail))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            },
         ),
         (
             "splats",
@@ -215,6 +373,25 @@ pub fn print(summary: &Summary, json: bool) {
             ),
         ),
         ("accel", format!("{:?}", summary.accel).to_lowercase()),
+        (
+            "faults",
+            match (&summary.plan, &summary.latency) {
+                (Some(plan), _) => format!("plan {}", plan.display()),
+                (None, Some(latency)) => format!("fixed latency {latency}"),
+                (None, None) => "-".into(),
+            },
+        ),
+        (
+            "seed",
+            summary.seed.map_or("-".into(), |seed| seed.to_string()),
+        ),
+        (
+            "trace",
+            summary
+                .trace
+                .as_ref()
+                .map_or("-".into(), |t| t.display().to_string()),
+        ),
         ("run folder", summary.run_dir.display().to_string()),
         ("reproduce", summary.reproduce.clone()),
     ];
@@ -241,6 +418,35 @@ pub fn print(summary: &Summary, json: bool) {
             }
         }
     }
+}
+
+/// What the device says it did with the workload's fences (`SUBMIT_3D`)
+/// and with all fenced commands.
+fn device_fences(device: Option<&DeviceSummary>) -> String {
+    let Some(d) = device else {
+        return "no summary".into();
+    };
+    let all = d.accounting.map_or_else(
+        || {
+            format!(
+                "{} submitted, {} completed",
+                d.fences_submitted, d.fences_completed
+            )
+        },
+        |a| a.one_line(),
+    );
+    match d.submit_3d() {
+        Some(s) => format!("SUBMIT_3D: {}\nall fenced commands: {all}", s.one_line()),
+        None => all,
+    }
+}
+
+fn join_numbers(numbers: &[u64]) -> String {
+    numbers
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn short(hash: &str) -> &str {
@@ -283,5 +489,50 @@ mod tests {
         assert!(guest.ok);
         assert_eq!(guest.fences_signaled, 2000);
         assert_eq!(guest.rtt_us.p99, 2100);
+        assert_eq!((guest.premature_signals, guest.write_checks), (0, 0));
+    }
+
+    #[test]
+    fn guest_result_line_with_read_backs_parses() {
+        let line = r#"{"workload":"smoke","fences_submitted":10,"fences_signaled":9,
+            "fence_errors":1,"premature_signals":2,"premature_fences":[3,4],
+            "write_checks":9,"submit_failures":1,"ok":false}"#;
+        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        assert_eq!(guest.premature_signals, 2);
+        assert_eq!(guest.premature_fences, vec![3, 4]);
+        assert_eq!(guest.write_checks, 9);
+        assert_eq!(guest.fences_sent(), 9);
+    }
+
+    #[test]
+    fn the_seed_comes_from_the_device_start_line() {
+        let dir = std::env::temp_dir().join(format!("fencelab-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("device.log");
+        std::fs::write(
+            &log,
+            "INFO listening\nfencelab-device: seed 12345678901\nfencelab-device: seed 1\n",
+        )
+        .unwrap();
+        assert_eq!(seed_from_log(&log), Some(12_345_678_901));
+        std::fs::write(&log, "fencelab-device: seed x\n").unwrap();
+        assert_eq!(seed_from_log(&log), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn accounting_lines_name_only_what_happened() {
+        let a = Accounting {
+            submitted: 10,
+            completed: 8,
+            hung: 2,
+            irq_dropped: 1,
+            ..Accounting::default()
+        };
+        assert_eq!(a.accounted(), 10);
+        assert_eq!(
+            a.one_line(),
+            "10 submitted, 8 completed, 2 hung, 1 irq dropped"
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! `cargo xtask test`: the README's test command and what CI runs. The
 //! workspace's unit tests first (fast, no QEMU), then a real boot smoke test
 //! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
-//! then the KUnit suites of the kernel patch series on the same kernel.
+//! a boot with each example fault plan, the harness fault test, then the
+//! KUnit suites of the kernel patch series on the same kernel.
 
 use crate::boot::{self, BootArgs};
 use crate::paths;
 use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -33,6 +35,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         );
     }
     println!("boot-smoke: 1 passed, 0 failed");
+    plan_boots()?;
     backend_death_is_reported()?;
     eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
     crate::kunit::run(&crate::kunit::KunitArgs::default())
@@ -54,6 +57,83 @@ fn unit_tests() -> Result<()> {
         bail!("unit tests failed ({status})");
     }
     Ok(())
+}
+
+/// The seed every plan is booted with, so that a failure here repeats.
+const PLAN_SEED: u64 = 1;
+/// Fences per plan boot: enough for every rule of a plan to fire, few
+/// enough that all plans together take a few minutes under TCG.
+const PLAN_FENCES: u32 = 300;
+
+/// Boots every example plan in `device/plans/` (not `broken/`, which holds
+/// plans that must be refused). Harness failures fail the stage; findings
+/// about the driver (premature signals…) are printed, not failed.
+fn plan_boots() -> Result<()> {
+    let dir = paths::workspace_root().join("device").join("plans");
+    let plans = plan_files(&dir)?;
+    eprintln!(
+        "test: {} plan(s) from {} (seed {PLAN_SEED}, {PLAN_FENCES} fences each)",
+        plans.len(),
+        dir.display()
+    );
+    let (mut passed, mut failed) = (0, 0);
+    for plan in &plans {
+        let name = plan.file_name().map_or_else(
+            || plan.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        eprintln!("test: plan {name}");
+        let args = BootArgs {
+            plan: Some(plan.clone()),
+            seed: Some(PLAN_SEED),
+            fences: PLAN_FENCES,
+            ..BootArgs::default()
+        };
+        let summary = boot::execute(&args)?;
+        let findings: Vec<String> = summary
+            .findings
+            .iter()
+            .map(|f| format!("{} ×{}", f.kind, f.count))
+            .collect();
+        if summary.ok {
+            passed += 1;
+            println!(
+                "plan {name}: PASS ({} fences, findings: {})",
+                summary.fences_signaled,
+                if findings.is_empty() {
+                    "none".into()
+                } else {
+                    findings.join(", ")
+                }
+            );
+        } else {
+            failed += 1;
+            crate::report::print(&summary, false);
+            println!("plan {name}: FAIL");
+        }
+    }
+    println!("plans: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} plan boot(s) failed; their FAILURE lines are above");
+    }
+    Ok(())
+}
+
+/// The `*.toml` files directly in `dir`, sorted by name.
+fn plan_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("listing plans in {}", dir.display()))?;
+    let mut plans = Vec::new();
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing plans in {}", dir.display()))?
+            .path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+            plans.push(path);
+        }
+    }
+    plans.sort();
+    Ok(plans)
 }
 
 /// Harness self-test: when fencelab-device dies mid-run, boot must fail
@@ -99,4 +179,29 @@ fn processes_naming(needle: &str) -> Vec<u32> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_files_are_the_tomls_directly_in_the_folder() {
+        let dir = std::env::temp_dir().join(format!("fencelab-plans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("broken")).unwrap();
+        for name in ["reorder.toml", "hang.toml", "README.md", "broken/bad.toml"] {
+            std::fs::write(dir.join(name), "").unwrap();
+        }
+        std::fs::create_dir(dir.join("dir.toml")).unwrap();
+        let plans = plan_files(&dir).unwrap();
+        let names: Vec<_> = plans
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["hang.toml", "reorder.toml"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = format!("{:#}", plan_files(&dir).unwrap_err());
+        assert!(err.contains("listing plans in"), "{err}");
+    }
 }
