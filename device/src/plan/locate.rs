@@ -151,7 +151,8 @@ impl<'a> SourceMap<'a> {
                 for s in spans {
                     if s.start <= span.start && span.end <= s.end {
                         let len = s.end - s.start;
-                        if best.as_ref().is_none_or(|(l, _)| len < *l) {
+                        // `<=`: on a tie the deeper node (visited later) wins.
+                        if best.as_ref().is_none_or(|(l, _)| len <= *l) {
                             best = Some((len, path.clone()));
                         }
                     }
@@ -246,9 +247,11 @@ mod tests {
         assert_eq!(map.path_at(&(two..two + 1)), path.index(1));
         assert_eq!(map.rule_name(1).as_deref(), Some("b"));
         assert_eq!(map.rule_name(2), None);
-        // A missing leaf falls back to its parent.
+        // A missing leaf falls back to its parent: for an array-of-tables
+        // element, its `[[rule]]` header.
         let missing = FieldPath::root().key("rule").index(0).key("latency");
         let span = map.span_of(&missing).unwrap();
-        assert!(text[span].contains("name = \"a\""));
+        assert_eq!(&text[span.clone()], "[[rule]]");
+        assert_eq!(map.line_column(span.start), (2, 1));
     }
 }

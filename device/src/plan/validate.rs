@@ -253,6 +253,7 @@ fn latency(path: &FieldPath, spec: &StrOr<RawLatency>) -> Checked<Latency> {
         ("median", t.median.is_some()),
         ("sigma", t.sigma.is_some()),
     ];
+    // Unexpected keys first: a misnamed parameter also leaves one missing.
     for (key, present) in given {
         if present && !takes.contains(&key) {
             return invalid(
@@ -264,6 +265,8 @@ fn latency(path: &FieldPath, spec: &StrOr<RawLatency>) -> Checked<Latency> {
                 ),
             );
         }
+    }
+    for (key, present) in given {
         if !present && required.contains(&key) {
             return invalid(&path.key(key), format!("dist {:?} needs {key}", t.dist));
         }
@@ -311,7 +314,10 @@ fn latency(path: &FieldPath, spec: &StrOr<RawLatency>) -> Checked<Latency> {
             }
             let sigma = t.sigma.unwrap_or_default();
             if !(sigma > 0.0 && sigma.is_finite()) {
-                return invalid(&path.key("sigma"), format!("{sigma} must be more than 0"));
+                return invalid(
+                    &path.key("sigma"),
+                    format!("must be more than 0 (got {sigma})"),
+                );
             }
             Dist::LogNormal(
                 LogNormal::new((median as f64).ln(), sigma)
@@ -495,7 +501,8 @@ pub fn duration(path: &FieldPath, s: &str) -> Checked<Duration> {
 }
 
 fn nanos(path: &FieldPath, d: Duration) -> Checked<u64> {
-    u64::try_from(d.as_nanos()).or_else(|_| invalid(path, "duration is too long"))
+    u64::try_from(d.as_nanos())
+        .or_else(|_| invalid(path, "duration is too long (at most 584 years)"))
 }
 
 fn show(ns: u64) -> String {
