@@ -61,9 +61,10 @@ fn unit_tests() -> Result<()> {
 
 /// The seed every plan is booted with, so that a failure here repeats.
 const PLAN_SEED: u64 = 1;
-/// Fences per plan boot: enough for every rule of a plan to fire, few
-/// enough that all plans together take a few minutes under TCG.
-const PLAN_FENCES: u32 = 300;
+/// Fences per plan boot: enough for every rule of the example plans to fire
+/// (hang.toml stalls arrival 500); the boot, not the fences, is what makes
+/// each plan take half a minute under TCG.
+const PLAN_FENCES: u32 = 600;
 
 /// Boots every example plan in `device/plans/` (not `broken/`, which holds
 /// plans that must be refused). Harness failures fail the stage; findings
