@@ -321,5 +321,305 @@ impl Decide for ReplayDecider {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::fault::{DeadlineOutcome, NotifyKind};
+
+    /// A fresh scratch file in the system's temporary folder.
+    fn scratch(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("trace-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    const PLAN: &str = r#"
+[default]
+latency = { dist = "exponential", mean = "300us", max = "5ms" }
+
+[[rule]]
+name = "jitter"
+match = { probability = 0.3 }
+cross_reorder = { jitter = "1ms" }
+
+[[rule]]
+name = "shuffle"
+match = { every = 9 }
+reorder = { window = 4, hold = "1ms" }
+
+[[rule]]
+name = "faults"
+match = { probability = 0.05 }
+irq = { storm = 3 }
+hang = { for = "2ms" }
+error = "ERR_INVALID_PARAMETER"
+"#;
+
+    fn plan() -> Plan {
+        Plan::parse(PLAN, "replay.toml").unwrap()
+    }
+
+    /// Two interleaved timelines, as a guest with two contexts would send.
+    fn workload() -> Vec<FenceInfo> {
+        (0..1500u64)
+            .map(|i| FenceInfo {
+                timeline: TimelineId {
+                    ctx: 1 + (i % 3 == 0) as u32,
+                    ring: 0,
+                },
+                fence_id: i + 1,
+                index: if i % 3 == 0 { i / 3 } else { i - i / 3 - 1 },
+                command: "SUBMIT_3D",
+                work_ns: 0,
+            })
+            .collect()
+    }
+
+    fn decide_event(f: &FenceInfo, decision: Decision, t_ns: u64) -> TraceEvent {
+        TraceEvent::Decide {
+            t_ns,
+            timeline: f.timeline,
+            fence: f.fence_id,
+            index: f.index,
+            command: f.command.to_string(),
+            work_ns: f.work_ns,
+            due_ns: Some(t_ns + decision.latency_ns),
+            decision,
+        }
+    }
+
+    #[test]
+    fn the_workload_indexes_each_timeline_from_zero() {
+        let w = workload();
+        for ctx in [1, 2] {
+            let idx: Vec<u64> = w
+                .iter()
+                .filter(|f| f.timeline.ctx == ctx)
+                .map(|f| f.index)
+                .collect();
+            assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn recorded_decisions_replay_identically() {
+        let path = scratch("replay.jsonl");
+        let seed = 1234;
+        let fences = workload();
+        let mut live = PlanDecider::new(plan(), seed);
+        let recorded: Vec<Decision> = {
+            let trace = JsonLinesTrace::create(&path).unwrap();
+            trace.record(start_event(seed, live.plan(), None));
+            let decisions: Vec<Decision> = fences
+                .iter()
+                .enumerate()
+                .map(|(t, f)| {
+                    let d = live.decide(f);
+                    trace.record(decide_event(f, d.clone(), t as u64 * 1000));
+                    trace.record(TraceEvent::Notify {
+                        t_ns: t as u64 * 1000 + 1,
+                        kind: NotifyKind::Normal,
+                        covers: 1,
+                    });
+                    d
+                })
+                .collect();
+            decisions
+            // Dropping the trace flushes it.
+        };
+        assert!(recorded.iter().any(|d| d.reorder.is_some()));
+        assert!(recorded.iter().any(|d| d.hang.is_some()));
+        assert!(recorded.iter().any(|d| d.error.is_some()));
+
+        let events = read_trace(&path).unwrap();
+        assert_eq!(events.len(), 1 + 2 * fences.len());
+        // The fallback plan's own draws would differ: another seed.
+        let fallback = PlanDecider::new(plan(), seed + 1);
+        let mut replay = ReplayDecider::new(events, "replay.jsonl", fallback).unwrap();
+        assert_eq!(replay.seed(), seed);
+        let replayed: Vec<Decision> = fences.iter().map(|f| replay.decide(f)).collect();
+        assert_eq!(replayed, recorded);
+        assert_eq!(replay.replayed(), fences.len() as u64);
+        assert_eq!(replay.fell_back(), 0);
+        assert_eq!(replay.irq_rescue(), plan().irq_rescue());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn fences_the_trace_does_not_know_fall_back_to_the_plan() {
+        let fences = workload();
+        let seed = 5;
+        let mut live = PlanDecider::new(plan(), seed);
+        let mut events = vec![start_event(seed, live.plan(), None)];
+        for f in &fences[..100] {
+            events.push(decide_event(f, live.decide(f), 0));
+        }
+        // The recorded decisions, overwritten with a marker to tell them apart.
+        for e in &mut events {
+            if let TraceEvent::Decide { decision, .. } = e {
+                decision.latency_ns = 777;
+            }
+        }
+        let fallback = PlanDecider::new(Plan::fixed_latency(Duration::from_micros(5)), 0);
+        let mut replay = ReplayDecider::new(events, "t", fallback).unwrap();
+        for f in &fences[..100] {
+            assert_eq!(replay.decide(f).latency_ns, 777);
+        }
+        // Past the end of the trace.
+        assert_eq!(replay.decide(&fences[100]).latency_ns, 5_000);
+        // A fence id the trace recorded differently at that index.
+        let mut other = fences[0].clone();
+        other.fence_id = 999_999;
+        let mut fresh = ReplayDecider::new(
+            vec![
+                start_event(seed, &plan(), None),
+                decide_event(&fences[0], Decision::default(), 0),
+            ],
+            "t",
+            PlanDecider::new(Plan::fixed_latency(Duration::from_micros(9)), 0),
+        )
+        .unwrap();
+        assert_eq!(fresh.decide(&other).latency_ns, 9_000);
+        assert_eq!(replay.replayed(), 100);
+        assert_eq!(replay.fell_back(), 1);
+        assert_eq!(fresh.fell_back(), 1);
+    }
+
+    #[test]
+    fn a_trace_needs_its_start_event() {
+        let fallback = PlanDecider::new(plan(), 0);
+        let err = ReplayDecider::new(Vec::new(), "empty.jsonl", fallback).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "empty.jsonl: no start event, so not a fencelab trace"
+        );
+    }
+
+    #[test]
+    fn start_event_names_the_plan() {
+        let p = plan();
+        assert_eq!(
+            start_event(3, &p, Some("old.jsonl")),
+            TraceEvent::Start {
+                seed: 3,
+                plan: "replay.toml".into(),
+                plan_sha256: p.sha256_hex().into(),
+                replay: Some("old.jsonl".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn every_event_kind_round_trips_through_a_file() {
+        let t = TimelineId { ctx: 2, ring: 1 };
+        let events = vec![
+            start_event(1, &plan(), None),
+            TraceEvent::PlanLoaded {
+                t_ns: 1,
+                origin: "x".into(),
+                plan_sha256: "ab".into(),
+            },
+            TraceEvent::Complete {
+                t_ns: 2,
+                timeline: t,
+                fence: 3,
+                due_ns: None,
+                response: 0x1100,
+                writes: vec![(0x1000, 7)],
+            },
+            TraceEvent::Release {
+                t_ns: 3,
+                timeline: t,
+                fence: 3,
+            },
+            TraceEvent::Deadline {
+                t_ns: 4,
+                fence: 3,
+                hint_ns: 9,
+                outcome: DeadlineOutcome::Boosted,
+                old_due_ns: Some(10),
+                new_due_ns: Some(5),
+            },
+            TraceEvent::IrqDropped { t_ns: 5, fences: 2 },
+            TraceEvent::Paused { t_ns: 6 },
+            TraceEvent::Resumed { t_ns: 7 },
+            TraceEvent::Abandoned {
+                t_ns: 8,
+                fences: vec![1, 2],
+            },
+        ];
+        let path = scratch("kinds.jsonl");
+        let trace = JsonLinesTrace::create(&path).unwrap();
+        for e in &events {
+            trace.record(e.clone());
+        }
+        trace.flush().unwrap();
+        assert_eq!(read_trace(&path).unwrap(), events);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), events.len());
+        assert!(text.lines().all(|l| l.starts_with("{\"event\":")));
+        drop(trace);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn threads_share_a_trace_without_tearing_lines() {
+        let path = scratch("threads.jsonl");
+        let trace = Arc::new(JsonLinesTrace::create(&path).unwrap());
+        let threads: Vec<_> = (0..4u64)
+            .map(|n| {
+                let trace = Arc::clone(&trace);
+                std::thread::spawn(move || {
+                    for i in 0..5000 {
+                        trace.record(TraceEvent::Notify {
+                            t_ns: n * 1_000_000 + i,
+                            kind: NotifyKind::Spurious,
+                            covers: n as u32,
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(trace);
+        let events = read_trace(&path).unwrap();
+        assert_eq!(events.len(), 20_000);
+        for n in 0..4u64 {
+            let mine: Vec<u64> = events
+                .iter()
+                .filter_map(|e| match e {
+                    TraceEvent::Notify { t_ns, covers, .. } if u64::from(*covers) == n => {
+                        Some(*t_ns)
+                    }
+                    _ => None,
+                })
+                .collect();
+            // Each thread's events are all there, in its order.
+            assert_eq!(
+                mine,
+                (0..5000).map(|i| n * 1_000_000 + i).collect::<Vec<_>>()
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn bad_lines_are_named_and_a_cut_off_tail_is_skipped() {
+        let good = serde_json::to_string(&TraceEvent::Paused { t_ns: 1 }).unwrap();
+        let text = format!("{good}\n\n{good}\n{{\"event\":\"bogus\"}}\n{good}\n");
+        let err = parse_trace(text.as_bytes(), "t.jsonl").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("t.jsonl:4: not a trace event: unknown variant `bogus`"),
+            "{msg}"
+        );
+
+        let cut = format!("{good}\n{good}\n{}", &good[..good.len() / 2]);
+        assert_eq!(parse_trace(cut.as_bytes(), "t.jsonl").unwrap().len(), 2);
+
+        let err = read_trace(scratch("missing.jsonl")).unwrap_err();
+        assert!(matches!(err, TraceError::Read { .. }), "{err}");
+    }
 }
