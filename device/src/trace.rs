@@ -211,12 +211,8 @@ impl ReplayDecider {
                     decision,
                     ..
                 } => {
-                    if recorded
-                        .insert((timeline, index), (fence, decision))
-                        .is_some()
-                    {
-                        duplicates += 1;
-                    }
+                    let earlier = recorded.insert((timeline, index), (fence, decision));
+                    duplicates += u64::from(earlier.is_some());
                 }
                 _ => {}
             }
