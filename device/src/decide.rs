@@ -24,9 +24,12 @@ use crate::plan::merge::merge_patch;
 use crate::plan::{Actions, Latency, Plan, Reorder};
 
 /// The seed a run uses: `--seed` if given, else the plan's, else a fresh
-/// random one (which the device prints, so the run can be repeated).
+/// random one (which the device prints, so the run can be repeated). Random
+/// seeds stay below 2^63 so they can be pasted into a plan's `seed` (TOML
+/// integers are signed 64-bit).
 pub fn choose_seed(cli: Option<u64>, plan: &Plan) -> u64 {
-    cli.or(plan.seed()).unwrap_or_else(rand::random)
+    cli.or(plan.seed())
+        .unwrap_or_else(|| rand::random::<u64>() >> 1)
 }
 
 /// Decides every fence from a plan and a seeded RNG.
@@ -547,6 +550,10 @@ error = "ERR_UNSPEC"
         let draws: std::collections::HashSet<u64> =
             (0..4).map(|_| choose_seed(None, &unseeded)).collect();
         assert!(draws.len() > 1, "random seeds repeat: {draws:?}");
+        for seed in draws {
+            let pasted = plan(&format!("seed = {seed}"));
+            assert_eq!(pasted.seed(), Some(seed));
+        }
     }
 
     #[test]
