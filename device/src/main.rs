@@ -1,7 +1,9 @@
 //! `fencelab-device --socket PATH [--latency DUR] [--log-file PATH]`
+//! `fencelab-device ctl --socket CTL <command>`
 //!
 //! Serves one vhost-user frontend connection, then prints a summary and
-//! exits. SIGTERM/SIGINT print the summary too.
+//! exits. SIGTERM/SIGINT print the summary too. `ctl` talks to a running
+//! device over its control socket (see `device/CONTROL.md`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,19 +11,39 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use fencelab_device::backend::{self, FencelabGpu};
+use fencelab_device::control::ctl::{self, CtlArgs};
 use fencelab_device::stats::Stats;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 /// vhost-user virtio-gpu backend with a scheduled fence engine.
 #[derive(Debug, Parser)]
-#[command(name = "fencelab-device", version)]
+#[command(
+    name = "fencelab-device",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(flatten)]
+    device: Args,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Talk to a running device over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Unix socket to listen on for the vhost-user frontend (QEMU).
-    #[arg(long)]
-    socket: PathBuf,
+    #[arg(long, required = true)]
+    socket: Option<PathBuf>,
     /// Base completion latency of every fence, e.g. `100us`, `2ms`.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     latency: Duration,
@@ -97,21 +119,42 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Ctl(args)) => ctl::run(args),
+        None => match run_device(cli.device) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "fencelab-device: error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_device(args: Args) -> anyhow::Result<()> {
+    let socket = args
+        .socket
+        .context("--socket is required to run the device")?;
     let signals = block_signals()?;
     init_logging(args.log_file.as_deref())?;
 
     let stats = Arc::new(Stats::new());
     let backend = Arc::new(
-        FencelabGpu::new(args.latency, stats.clone()).context("cannot start the fence engine")?,
+        FencelabGpu::new(backend::DeviceConfig {
+            decider: Box::new(backend::FixedLatency::new(args.latency)),
+            tracer: Arc::new(fencelab_device::fault::NoTrace),
+            stats: stats.clone(),
+        })
+        .context("cannot start the fence engine")?,
     );
-    let mut listener = backend::bind(&args.socket)?;
-    info!(socket = %args.socket.display(), latency = ?args.latency, "listening");
+    let mut listener = backend::bind(&socket)?;
+    info!(socket = %socket.display(), latency = ?args.latency, "listening");
 
     {
         let backend = backend.clone();
-        let socket = args.socket.clone();
+        let socket = socket.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {

@@ -16,7 +16,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// request, which is an `{"ok":false}` reply).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to control socket {}: {source}{}", path.display(), connect_hint(source, path))]
+    #[error("cannot connect to control socket {}: {source}{}", path.display(), connect_hint(source))]
     Connect { path: PathBuf, source: io::Error },
     #[error("lost the connection to control socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
@@ -30,12 +30,11 @@ pub enum ClientError {
     MultiLine,
 }
 
-fn connect_hint(error: &io::Error, path: &Path) -> String {
+fn connect_hint(error: &io::Error) -> String {
     match error.kind() {
-        io::ErrorKind::NotFound => format!(
-            " (no such socket: fencelab-device may not be running, or was started without --control-socket {})",
-            path.display()
-        ),
+        io::ErrorKind::NotFound => " (no such socket: the device may not be running; its control \
+             socket is <vhost socket>.ctl unless it was started with --control-socket)"
+            .into(),
         io::ErrorKind::ConnectionRefused => {
             " (nobody is listening: the device that created it is no longer running)".into()
         }
