@@ -5,6 +5,20 @@
 //!
 //! Two queues: control (0) and cursor (1), served on one vring thread.
 //!
+//! A fenced request is decided on the vring thread: the plan
+//! ([`Decide`]) gets a [`FenceInfo`], the response (or the decision's
+//! injected error) is written at once, and the descriptor goes to the engine
+//! with the decision; the engine thread lands its `WRITE`s and returns it
+//! when the decision says (see [`crate::engine`]). `DEADLINE` hints in a
+//! `SUBMIT_3D` go to the engine after the command's own fence.
+//!
+//! Stopping and resetting: when the frontend stops the control queue
+//! (`GET_VRING_BASE`) every fence that is not hung forever or until released
+//! completes at once, so the ring state it reads is final; hung ones stay
+//! (the ring may be restarted as it was, e.g. VM stop/cont). A device reset
+//! completes the same way and *abandons* the hung ones: their descriptors
+//! belong to a driver instance that is gone.
+//!
 //! Requests sent before a vring is enabled are not lost: a kick to a ring
 //! that is not yet enabled stays pending in its eventfd (the kick fd is
 //! registered with epoll only once the ring is started and enabled, and the
@@ -13,11 +27,17 @@
 //! drains everything in the avail ring, so a `GET_CAPSET_INFO` posted right
 //! after DRIVER_OK is served as soon as the ring is enabled.
 
+mod completion;
+mod control;
+
+pub use completion::{Completion, SharedVring};
+pub use control::{FixedLatency, sha256_hex};
+
+use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tracing::{debug, error, info, warn};
@@ -30,7 +50,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{
-    ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -39,8 +59,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::decode::{self, Command};
-use crate::engine::Engine;
-use crate::gpu::{Gpu, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
+use crate::engine::{Clock, Engine, Submission, planned_due};
+use crate::fault::{Decide, Decision, FenceInfo, TimelineId, TraceEvent, Tracer};
+use crate::gpu::{DeadlineHint, Gpu, GuestRanges, GuestWrite, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
 use crate::protocol::*;
 use crate::stats::Stats;
 
@@ -79,29 +100,59 @@ pub fn config_space() -> GpuConfig {
     }
 }
 
-/// A fenced request whose response is written and whose descriptor waits
-/// for the engine to return it.
-pub struct Completion {
-    vring: VringRwLock,
-    head: u16,
-    len: u32,
-    fence_id: u64,
-    ctx_id: u32,
-    submitted: Instant,
-}
+type SharedMem = Arc<RwLock<Option<GuestMemoryAtomic<Mem>>>>;
 
 /// What to do with a chain once its request is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Disposition {
+enum Answer {
     /// Return it now with this many bytes written.
     Now(u32),
-    /// Return it when the fence is due.
+    /// The engine returns it when the decision says.
     Fence {
-        len: u32,
-        due: Instant,
-        fence_id: u64,
-        ctx_id: u32,
+        submission: Box<Submission<Completion>>,
+        rescue_ns: Option<u64>,
     },
+}
+
+/// The plan and what it needs to know about arrivals.
+struct FenceDesk {
+    decider: Box<dyn Decide>,
+    /// Arrivals per timeline since the device started.
+    arrivals: HashMap<TimelineId, u64>,
+}
+
+/// One fenced request, decided.
+struct Decided {
+    info: FenceInfo,
+    arrival_ns: u64,
+    decision: Decision,
+    rescue_ns: Option<u64>,
+}
+
+/// What a [`FencelabGpu`] is built from.
+pub struct DeviceConfig {
+    /// Decides every fence's fate (the plan, a replay, or a test script).
+    pub decider: Box<dyn Decide>,
+    /// Where trace events go (`fault::NoTrace` for none).
+    pub tracer: Arc<dyn Tracer>,
+    pub stats: Arc<Stats>,
+}
+
+fn duration_ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The timeline a request's fence joins: its context, and its ring when the
+/// driver says which (`VIRTIO_GPU_FLAG_INFO_RING_IDX`), else ring 0.
+pub fn timeline_of(hdr: &CtrlHdr) -> TimelineId {
+    let ring = if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+        hdr.ring_idx
+    } else {
+        0
+    };
+    TimelineId {
+        ctx: hdr.ctx_id,
+        ring,
+    }
 }
 
 struct MemRanges<'a>(&'a Mem);
@@ -119,13 +170,17 @@ impl GuestRanges for MemRanges<'_> {
 
 /// The virtio-gpu vhost-user backend.
 pub struct FencelabGpu {
-    mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
+    mem: SharedMem,
     gpu: Mutex<Gpu>,
     event_idx: AtomicBool,
     gpu_socket: Mutex<Option<GpuBackend>>,
+    desk: Mutex<FenceDesk>,
+    control_vring: SharedVring,
     engine: Engine<Completion>,
-    latency: Duration,
+    clock: Clock,
+    paused: AtomicBool,
     stats: Arc<Stats>,
+    tracer: Arc<dyn Tracer>,
 }
 
 fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
@@ -133,20 +188,29 @@ fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
 }
 
 impl FencelabGpu {
-    /// A backend that completes each fence `latency` (plus its `WORK`) after
-    /// it was submitted.
-    pub fn new(latency: Duration, stats: Arc<Stats>) -> io::Result<Self> {
-        let engine_stats = stats.clone();
-        let engine =
-            Engine::spawn(move |batch: Vec<Completion>| complete_batch(&engine_stats, batch))?;
+    /// A backend whose fences complete as `config.decider` decides. Starts
+    /// the engine thread; its clock (trace times) starts now.
+    pub fn new(config: DeviceConfig) -> io::Result<Self> {
+        let clock = Clock::start();
+        let mem = completion::shared_mem();
+        let control_vring: SharedVring = Arc::new(Mutex::new(None));
+        let sink = completion::VringSink::new(control_vring.clone(), mem.clone());
+        let engine = Engine::spawn(clock, sink, config.stats.clone(), config.tracer.clone())?;
         Ok(FencelabGpu {
-            mem: RwLock::new(None),
+            mem,
             gpu: Mutex::new(Gpu::new()),
             event_idx: AtomicBool::new(false),
             gpu_socket: Mutex::new(None),
+            desk: Mutex::new(FenceDesk {
+                decider: config.decider,
+                arrivals: HashMap::new(),
+            }),
+            control_vring,
             engine,
-            latency,
-            stats,
+            clock,
+            paused: AtomicBool::new(false),
+            stats: config.stats,
+            tracer: config.tracer,
         })
     }
 
@@ -154,13 +218,39 @@ impl FencelabGpu {
         &self.stats
     }
 
-    /// Fences submitted to the engine and not yet completed.
+    /// The seed the decider draws from.
+    pub fn seed(&self) -> u64 {
+        lock(&self.desk).decider.seed()
+    }
+
+    /// Fences accepted and neither completed nor abandoned (pending + hung).
     pub fn pending_fences(&self) -> usize {
-        self.engine.pending()
+        usize::try_from(self.stats.fences_outstanding()).unwrap_or(usize::MAX)
+    }
+
+    /// The shutdown summary (`fencelab-device: summary {json}`): the
+    /// [`Stats::summary`] keys plus `seed`.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut s = self.stats.summary();
+        s["seed"] = self.seed().into();
+        s
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<Mem>> {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets the vrings of a previous connection.
+    fn forget_vrings(&self) {
+        *lock(&self.control_vring) = None;
+    }
+
+    /// Remembers the control queue for the engine's completions.
+    fn note_control_vring(&self, vring: &VringRwLock) {
+        let mut slot = lock(&self.control_vring);
+        if slot.is_none() {
+            *slot = Some(vring.clone());
+        }
     }
 
     /// Serves everything in `vring`'s avail ring. Errors that leave the ring
@@ -180,29 +270,10 @@ impl FencelabGpu {
         let mut used = false;
         for chain in chains {
             let head = chain.head_index();
-            match self.serve(&mem, chain, queue) {
-                Disposition::Now(len) => match vring.add_used(head, len) {
+            if let Some(len) = self.serve(&mem, chain, queue) {
+                match vring.add_used(head, len) {
                     Ok(()) => used = true,
                     Err(e) => error!(queue, head, "cannot return descriptor: {e}"),
-                },
-                Disposition::Fence {
-                    len,
-                    due,
-                    fence_id,
-                    ctx_id,
-                } => {
-                    self.stats.fence_submitted();
-                    self.engine.submit(
-                        due,
-                        Completion {
-                            vring: vring.clone(),
-                            head,
-                            len,
-                            fence_id,
-                            ctx_id,
-                            submitted: Instant::now(),
-                        },
-                    );
                 }
             }
         }
@@ -212,8 +283,9 @@ impl FencelabGpu {
         Ok(())
     }
 
-    /// Reads, executes and answers one request.
-    fn serve(&self, mem: &Mem, chain: DescriptorChain<MemGuard>, queue: u16) -> Disposition {
+    /// Reads, executes and answers one request. Returns the length to
+    /// return the chain with now, or `None` when the engine has it.
+    fn serve(&self, mem: &Mem, chain: DescriptorChain<MemGuard>, queue: u16) -> Option<u32> {
         let head = chain.head_index();
         let writer = match Writer::new(mem, chain.clone()) {
             Ok(w) => Some(w),
@@ -228,17 +300,30 @@ impl FencelabGpu {
                 warn!(queue, head, "unreadable request: {e}");
                 self.stats.command("MALFORMED");
                 let outcome = Outcome::error_response(RESP_ERR_UNSPEC);
-                return self.respond(writer, &CtrlHdr::default(), outcome, queue, None);
+                let reply = Reply {
+                    hdr: &CtrlHdr::default(),
+                    outcome,
+                    command: "MALFORMED",
+                    queue,
+                    head,
+                };
+                return self.answer(mem, writer, reply);
             }
         };
 
-        let (hdr, outcome, submit_len) = match decode::decode(&request) {
+        let (hdr, outcome, command) = match decode::decode(&request) {
             Ok((hdr, cmd)) => {
-                self.stats.command(cmd.name());
-                let submit_len = match &cmd {
-                    Command::Submit3d { payload } => Some(payload.len()),
-                    _ => None,
-                };
+                let name = cmd.name();
+                self.stats.command(name);
+                if let Command::Submit3d { payload } = &cmd {
+                    debug!(
+                        ctx = hdr.ctx_id,
+                        fence_id = hdr.fence_id,
+                        fenced = hdr.is_fenced(),
+                        payload_len = payload.len(),
+                        "SUBMIT_3D"
+                    );
+                }
                 let ranges = MemRanges(mem);
                 let outcome = lock(&self.gpu).execute(&hdr, cmd, &ranges);
                 if let Some(e) = &outcome.error {
@@ -250,7 +335,7 @@ impl FencelabGpu {
                         "{e}"
                     );
                 }
-                (hdr, outcome, submit_len)
+                (hdr, outcome, name)
             }
             Err((hdr, e)) => {
                 warn!(queue, head, "malformed request: {e}");
@@ -259,59 +344,106 @@ impl FencelabGpu {
                     _ => "MALFORMED",
                 });
                 let outcome = Outcome::error_response(e.response_code());
-                (hdr.unwrap_or_default(), outcome, None)
+                let hdr = hdr.unwrap_or_default();
+                (hdr, outcome, type_name(hdr.type_))
             }
         };
-        self.respond(writer, &hdr, outcome, queue, submit_len)
+        let reply = Reply {
+            hdr: &hdr,
+            outcome,
+            command,
+            queue,
+            head,
+        };
+        self.answer(mem, writer, reply)
+    }
+
+    /// Writes the response and hands a fenced chain and the request's
+    /// deadline hints to the engine.
+    fn answer(&self, mem: &Mem, writer: Option<Writer<'_>>, mut reply: Reply<'_>) -> Option<u32> {
+        let hints = std::mem::take(&mut reply.outcome.deadlines);
+        let result = match self.respond(mem, writer, reply) {
+            Answer::Now(len) => Some(len),
+            Answer::Fence {
+                submission,
+                rescue_ns,
+            } => {
+                self.engine.submit(*submission, rescue_ns);
+                None
+            }
+        };
+        if !hints.is_empty() {
+            self.send_hints(&hints);
+        }
+        result
+    }
+
+    fn send_hints(&self, hints: &[DeadlineHint]) {
+        let boost_ns = lock(&self.desk).decider.deadline_boost().map(duration_ns);
+        for h in hints {
+            debug!(fence = h.fence, ns = h.ns, "DEADLINE hint");
+            self.engine.deadline(h.fence, h.ns, boost_ns);
+        }
     }
 
     /// Writes the response (control queue only) and decides when the chain
-    /// goes back.
-    fn respond(
-        &self,
-        writer: Option<Writer<'_>>,
-        hdr: &CtrlHdr,
-        outcome: Outcome,
-        queue: u16,
-        submit_len: Option<usize>,
-    ) -> Disposition {
+    /// goes back: now, or (fenced) as the plan decides. A fenced request
+    /// whose plan injects an error is answered with that error instead.
+    fn respond(&self, mem: &Mem, writer: Option<Writer<'_>>, reply: Reply<'_>) -> Answer {
+        let Reply {
+            hdr,
+            outcome,
+            command,
+            queue,
+            head,
+        } = reply;
         if queue == CURSOR_QUEUE {
             // Cursor commands have no response; the descriptor just goes back.
             if outcome.response.is_error() {
                 self.stats.error_response();
             }
-            return Disposition::Now(0);
+            return Answer::Now(0);
         }
-        let mut bytes = outcome.response.encode(hdr);
-        let mut is_error = outcome.response.is_error();
         let Some(mut writer) = writer else {
             self.stats.dropped();
-            return Disposition::Now(0);
+            return Answer::Now(0);
         };
         let room = writer.available_bytes();
+        let hdr_len = std::mem::size_of::<CtrlHdr>();
+        if room < hdr_len {
+            warn!(
+                cmd = type_name(hdr.type_),
+                room, "no room for a response header: returning the chain empty"
+            );
+            self.stats.dropped();
+            return Answer::Now(0);
+        }
+        let mut bytes = outcome.response.encode(hdr);
+        let mut code = outcome.response.code();
+        let mut is_error = outcome.response.is_error();
         if room < bytes.len() {
-            let hdr_len = std::mem::size_of::<CtrlHdr>();
-            if room < hdr_len {
-                warn!(
-                    cmd = type_name(hdr.type_),
-                    room, "no room for a response header: returning the chain empty"
-                );
-                self.stats.dropped();
-                return Disposition::Now(0);
-            }
             warn!(
                 cmd = type_name(hdr.type_),
                 room,
                 need = bytes.len(),
                 "response buffer too small"
             );
-            bytes = hdr.response(RESP_ERR_UNSPEC).as_slice().to_vec();
+            code = RESP_ERR_UNSPEC;
+            bytes = hdr.response(code).as_slice().to_vec();
+            is_error = true;
+        }
+        let decided = hdr
+            .is_fenced()
+            .then(|| self.decide(hdr, command, outcome.work_ns));
+        if let Some(injected) = decided.as_ref().and_then(|d| d.decision.error) {
+            code = injected;
+            bytes = hdr.response(code).as_slice().to_vec();
             is_error = true;
         }
         if let Err(e) = io::Write::write_all(&mut writer, &bytes) {
             warn!(cmd = type_name(hdr.type_), "cannot write response: {e}");
             self.stats.dropped();
-            return Disposition::Now(0);
+            return Answer::Now(0);
         }
         if is_error {
             self.stats.error_response();
@@ -319,31 +451,80 @@ impl FencelabGpu {
         // `bytes` is at most a few KiB.
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
 
-        if !hdr.is_fenced() {
-            return Disposition::Now(len);
+        let Some(d) = decided else {
+            land_now(mem, &outcome.writes);
+            return Answer::Now(len);
+        };
+        self.tracer.record(TraceEvent::Decide {
+            t_ns: d.arrival_ns,
+            timeline: d.info.timeline,
+            fence: d.info.fence_id,
+            index: d.info.index,
+            command: d.info.command.to_string(),
+            work_ns: d.info.work_ns,
+            decision: d.decision.clone(),
+            due_ns: planned_due(d.arrival_ns, d.info.work_ns, &d.decision),
+        });
+        Answer::Fence {
+            submission: Box::new(Submission {
+                timeline: d.info.timeline,
+                fence_id: d.info.fence_id,
+                command: d.info.command,
+                arrival_ns: d.arrival_ns,
+                work_ns: d.info.work_ns,
+                decision: d.decision,
+                response: code,
+                errored: is_error,
+                item: Completion {
+                    head,
+                    len,
+                    writes: outcome.writes,
+                },
+            }),
+            rescue_ns: d.rescue_ns,
         }
-        let now = Instant::now();
-        let delay = self
-            .latency
-            .saturating_add(Duration::from_nanos(outcome.work_ns));
-        // Far enough to be "never" for a test run, without overflowing Instant.
-        let due = now
-            .checked_add(delay)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
-        if let Some(payload_len) = submit_len {
-            debug!(
-                ctx = hdr.ctx_id,
-                fence_id = hdr.fence_id,
-                payload_len,
-                due_in = ?delay,
-                "fenced SUBMIT_3D"
-            );
-        }
-        Disposition::Fence {
-            len,
-            due,
+    }
+
+    /// Asks the plan about a fenced request arriving now.
+    fn decide(&self, hdr: &CtrlHdr, command: &'static str, work_ns: u64) -> Decided {
+        let timeline = timeline_of(hdr);
+        let mut desk = lock(&self.desk);
+        let arrivals = desk.arrivals.entry(timeline).or_default();
+        let index = *arrivals;
+        *arrivals += 1;
+        let info = FenceInfo {
+            timeline,
             fence_id: hdr.fence_id,
-            ctx_id: hdr.ctx_id,
+            index,
+            command,
+            work_ns,
+        };
+        let arrival_ns = self.clock.now_ns();
+        let decision = desk.decider.decide(&info);
+        let rescue_ns = desk.decider.irq_rescue().map(duration_ns);
+        Decided {
+            info,
+            arrival_ns,
+            decision,
+            rescue_ns,
+        }
+    }
+}
+
+/// A served request on its way to an answer.
+struct Reply<'a> {
+    hdr: &'a CtrlHdr,
+    outcome: Outcome,
+    command: &'static str,
+    queue: u16,
+    head: u16,
+}
+
+/// Stores the `WRITE`s of an unfenced command before its chain goes back.
+fn land_now(mem: &Mem, writes: &[GuestWrite]) {
+    for w in writes {
+        if let Err(e) = mem.write_slice(&w.bytes, GuestAddress(w.addr)) {
+            warn!(addr = w.addr, "cannot store a WRITE value: {e}");
         }
     }
 }
@@ -363,46 +544,21 @@ fn read_request(mem: &Mem, chain: DescriptorChain<MemGuard>) -> Result<Vec<u8>, 
 }
 
 /// Interrupts the guest if it wants to hear about the used entries just added
-/// (`EVENT_IDX` suppression is decided by the queue).
-fn notify(vring: &VringRwLock, queue: u16) {
+/// (`EVENT_IDX` suppression is decided by the queue). Returns whether it did.
+fn notify(vring: &VringRwLock, queue: u16) -> bool {
     let wanted = vring.needs_notification().unwrap_or_else(|e| {
         warn!(queue, "cannot read used_event, notifying anyway: {e}");
         true
     });
-    if wanted {
-        if let Err(e) = vring.signal_used_queue() {
+    if !wanted {
+        return false;
+    }
+    match vring.signal_used_queue() {
+        Ok(()) => true,
+        Err(e) => {
             error!(queue, "cannot signal the guest: {e}");
+            false
         }
-    }
-}
-
-/// The engine's completer: returns due fenced descriptors and notifies the
-/// guest once for the batch.
-fn complete_batch(stats: &Stats, batch: Vec<Completion>) {
-    let mut last: Option<VringRwLock> = None;
-    let mut n = 0u64;
-    for c in batch {
-        match c.vring.add_used(c.head, c.len) {
-            Ok(()) => {
-                n += 1;
-                debug!(
-                    fence_id = c.fence_id,
-                    ctx = c.ctx_id,
-                    after = ?c.submitted.elapsed(),
-                    "fence completed"
-                );
-            }
-            Err(e) => error!(
-                fence_id = c.fence_id,
-                "cannot return fenced descriptor: {e}"
-            ),
-        }
-        last = Some(c.vring);
-    }
-    stats.fences_completed(n);
-    // Every completion is on the control queue: one notification covers all.
-    if let Some(vring) = last {
-        notify(&vring, CONTROL_QUEUE);
     }
 }
 
@@ -436,8 +592,8 @@ impl VhostUserBackend for FencelabGpu {
     }
 
     fn reset_device(&self) {
-        info!("device reset");
-        self.engine.flush();
+        let abandoned = self.engine.reset();
+        info!(abandoned, "device reset");
         *lock(&self.gpu) = Gpu::new();
     }
 
@@ -488,11 +644,11 @@ impl VhostUserBackend for FencelabGpu {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if queue_index == u32::from(CONTROL_QUEUE) {
-            let pending = self.engine.pending();
-            if pending > 0 {
+            let outstanding = self.engine.outstanding();
+            if outstanding > 0 {
                 info!(
-                    pending,
-                    "control queue stopping: completing pending fences now"
+                    outstanding,
+                    "control queue stopping: completing pending fences now (hung ones stay)"
                 );
             }
             self.engine.flush();
@@ -514,6 +670,9 @@ impl VhostUserBackend for FencelabGpu {
             warn!(device_event, "event for an unknown queue");
             return Ok(());
         };
+        if device_event == CONTROL_QUEUE {
+            self.note_control_vring(vring);
+        }
         {
             let state = vring.get_ref();
             if !(state.get_queue().ready() && state.is_enabled()) {
@@ -607,6 +766,7 @@ fn is_listening(path: &Path) -> bool {
 
 /// Serves one frontend connection on `listener` until it disconnects.
 pub fn serve(listener: &mut Listener, backend: Arc<FencelabGpu>) -> anyhow::Result<()> {
+    backend.forget_vrings();
     let mem = GuestMemoryAtomic::new(Mem::new());
     let mut daemon = VhostUserDaemon::new("fencelab-gpu".into(), backend, mem)
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -646,7 +806,12 @@ mod tests {
 
     #[test]
     fn config_space_reads() {
-        let b = FencelabGpu::new(Duration::ZERO, Arc::new(Stats::new())).unwrap();
+        let b = FencelabGpu::new(DeviceConfig {
+            decider: Box::new(FixedLatency::new(std::time::Duration::ZERO)),
+            tracer: Arc::new(crate::fault::NoTrace),
+            stats: Arc::new(Stats::new()),
+        })
+        .unwrap();
         let all = b.get_config(0, 16);
         assert_eq!(all.len(), 16);
         let cfg: GpuConfig = read_struct(&all).unwrap();
@@ -659,6 +824,19 @@ mod tests {
             b.protocol_features()
                 .contains(VhostUserProtocolFeatures::CONFIG)
         );
+    }
+
+    #[test]
+    fn timelines_use_the_ring_only_when_the_driver_names_it() {
+        let mut h = CtrlHdr {
+            flags: VIRTIO_GPU_FLAG_FENCE,
+            ctx_id: 3,
+            ring_idx: 2,
+            ..CtrlHdr::default()
+        };
+        assert_eq!(timeline_of(&h), TimelineId { ctx: 3, ring: 0 });
+        h.flags |= VIRTIO_GPU_FLAG_INFO_RING_IDX;
+        assert_eq!(timeline_of(&h), TimelineId { ctx: 3, ring: 2 });
     }
 
     #[test]

@@ -1,18 +1,120 @@
-//! What the device did, for the shutdown summary and the test oracles.
+//! What the device did, for the shutdown summary, the control plane's
+//! `stats` and the test oracles:
+//!
+//! - command counts by type, error responses, chains returned without any
+//!   response;
+//! - fence [`Accounting`] in total, per command and per timeline, kept so
+//!   that `submitted == completed + hung + pending + abandoned` holds in
+//!   every bucket at every moment a lock is not held;
+//! - per-timeline latency histograms in µs: *injected* (due − arrival, what
+//!   the plan asked for) and *observed* (completion − arrival).
+//!
+//! Deadline hints for fences the device never saw count in the totals only,
+//! so per-timeline `deadline_hints` may sum to less than the total.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-use serde_json::json;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tracing::warn;
 
+use crate::fault::{Accounting, TimelineId};
+
+/// The buckets a fence is counted in: its timeline and its command type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FenceTag {
+    pub timeline: TimelineId,
+    /// Command type name, e.g. `"SUBMIT_3D"`.
+    pub command: &'static str,
+}
+
+/// The device's counters. Cheap to update from the vring and engine threads.
 #[derive(Debug, Default)]
 pub struct Stats {
-    by_type: Mutex<BTreeMap<&'static str, u64>>,
-    fences_submitted: AtomicU64,
-    fences_completed: AtomicU64,
-    error_responses: AtomicU64,
-    dropped: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    commands: BTreeMap<&'static str, u64>,
+    error_responses: u64,
+    dropped: u64,
+    totals: Accounting,
+    by_command: BTreeMap<&'static str, Accounting>,
+    timelines: BTreeMap<TimelineId, TimelineStats>,
+}
+
+#[derive(Debug)]
+struct TimelineStats {
+    accounting: Accounting,
+    injected_us: Latencies,
+    observed_us: Latencies,
+}
+
+impl TimelineStats {
+    fn new() -> Self {
+        TimelineStats {
+            accounting: Accounting::default(),
+            injected_us: Latencies::new(),
+            observed_us: Latencies::new(),
+        }
+    }
+}
+
+/// A latency histogram in µs. `None` only if hdrhistogram refused to build
+/// one, which it does not for 3 significant figures; kept total anyway.
+#[derive(Debug)]
+struct Latencies(Option<Histogram<u64>>);
+
+impl Latencies {
+    fn new() -> Self {
+        // 3 significant figures, auto-resizing: any u64 µs value fits.
+        Latencies(Histogram::new(3).ok())
+    }
+
+    fn record_ns(&mut self, ns: u64) {
+        if let Some(h) = &mut self.0 {
+            if let Err(e) = h.record(ns / 1_000) {
+                warn!("latency histogram cannot record {ns} ns: {e}");
+            }
+        }
+    }
+
+    fn json(&self) -> Value {
+        match &self.0 {
+            Some(h) if !h.is_empty() => json!({
+                "count": h.len(),
+                "p50": h.value_at_quantile(0.50),
+                "p90": h.value_at_quantile(0.90),
+                "p99": h.value_at_quantile(0.99),
+                "max": h.max(),
+            }),
+            _ => json!({ "count": 0 }),
+        }
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Applies `f` to the totals and to the fence's command and timeline.
+    fn fence(&mut self, tag: FenceTag, f: impl Fn(&mut Accounting)) -> &mut TimelineStats {
+        f(&mut self.totals);
+        f(self.by_command.entry(tag.command).or_default());
+        let tl = self
+            .timelines
+            .entry(tag.timeline)
+            .or_insert_with(TimelineStats::new);
+        f(&mut tl.accounting);
+        tl
+    }
+}
+
+fn dec(x: &mut u64) {
+    *x = x.saturating_sub(1);
 }
 
 impl Stats {
@@ -22,63 +124,202 @@ impl Stats {
 
     /// One request of type `name` was served (whatever the answer).
     pub fn command(&self, name: &'static str) {
-        let mut m = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(name).or_default() += 1;
+        *lock(&self.inner).commands.entry(name).or_default() += 1;
     }
 
-    pub fn fence_submitted(&self) {
-        self.fences_submitted.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn fences_completed(&self, n: u64) {
-        self.fences_completed.fetch_add(n, Ordering::Relaxed);
-    }
-
+    /// A request was answered with an error (fenced or not).
     pub fn error_response(&self) {
-        self.error_responses.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner).error_responses += 1;
     }
 
     /// A chain returned without any response (nowhere to write one).
     pub fn dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner).dropped += 1;
     }
 
+    /// A fenced command was accepted; `hung`: forever or until released.
+    pub fn fence_submitted(&self, tag: FenceTag, hung: bool) {
+        lock(&self.inner).fence(tag, |a| {
+            a.submitted += 1;
+            if hung {
+                a.hung += 1;
+            } else {
+                a.pending += 1;
+            }
+        });
+    }
+
+    /// A pending fence went back to the guest. `injected_ns`: due − arrival
+    /// (`None` for a released fence, which had no due time);
+    /// `observed_ns`: completion − arrival.
+    pub fn fence_completed(
+        &self,
+        tag: FenceTag,
+        errored: bool,
+        injected_ns: Option<u64>,
+        observed_ns: u64,
+    ) {
+        let mut inner = lock(&self.inner);
+        let tl = inner.fence(tag, |a| {
+            dec(&mut a.pending);
+            a.completed += 1;
+            if errored {
+                a.errored += 1;
+            }
+        });
+        if let Some(ns) = injected_ns {
+            tl.injected_us.record_ns(ns);
+        }
+        tl.observed_us.record_ns(observed_ns);
+    }
+
+    /// A hung fence was released: it is pending again until it completes.
+    pub fn fence_released(&self, tag: FenceTag) {
+        lock(&self.inner).fence(tag, |a| {
+            dec(&mut a.hung);
+            a.pending += 1;
+            a.released += 1;
+        });
+    }
+
+    /// A fence will never go back to the guest (`was_hung`: it was counted
+    /// hung, else pending).
+    pub fn fence_abandoned(&self, tag: FenceTag, was_hung: bool) {
+        lock(&self.inner).fence(tag, |a| {
+            if was_hung {
+                dec(&mut a.hung);
+            } else {
+                dec(&mut a.pending);
+            }
+            a.abandoned += 1;
+        });
+    }
+
+    /// A completion's interrupt was dropped by the plan.
+    pub fn irq_dropped(&self, tag: FenceTag) {
+        lock(&self.inner).fence(tag, |a| a.irq_dropped += 1);
+    }
+
+    /// A spurious notify asked for by this fence's decision was sent.
+    pub fn irq_spurious(&self, tag: FenceTag) {
+        lock(&self.inner).fence(tag, |a| a.irq_spurious += 1);
+    }
+
+    /// A `DEADLINE` hint arrived for a fence (`None`: one the device does
+    /// not know, counted in the totals only).
+    pub fn deadline_hint(&self, target: Option<FenceTag>, boosted: bool) {
+        let count = |a: &mut Accounting| {
+            a.deadline_hints += 1;
+            if boosted {
+                a.deadline_boosts += 1;
+            }
+        };
+        let mut inner = lock(&self.inner);
+        match target {
+            Some(tag) => {
+                inner.fence(tag, count);
+            }
+            None => count(&mut inner.totals),
+        }
+    }
+
+    /// Requests of type `name` served so far.
     pub fn count(&self, name: &str) -> u64 {
-        let m = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(name).copied().unwrap_or(0)
+        lock(&self.inner).commands.get(name).copied().unwrap_or(0)
     }
 
     pub fn commands_total(&self) -> u64 {
-        let m = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
-        m.values().sum()
+        lock(&self.inner).commands.values().sum()
     }
 
+    /// (submitted, completed) fences.
     pub fn fences(&self) -> (u64, u64) {
-        (
-            self.fences_submitted.load(Ordering::Relaxed),
-            self.fences_completed.load(Ordering::Relaxed),
-        )
+        let inner = lock(&self.inner);
+        (inner.totals.submitted, inner.totals.completed)
+    }
+
+    /// Fences accepted and not yet returned nor abandoned (pending + hung).
+    pub fn fences_outstanding(&self) -> u64 {
+        let inner = lock(&self.inner);
+        inner.totals.pending + inner.totals.hung
     }
 
     pub fn errors(&self) -> u64 {
-        self.error_responses.load(Ordering::Relaxed)
+        lock(&self.inner).error_responses
     }
 
-    /// The summary as JSON: totals plus a per-type breakdown.
-    pub fn summary(&self) -> serde_json::Value {
-        let by_type = self
-            .by_type
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (submitted, completed) = self.fences();
+    /// Totals over all timelines.
+    pub fn accounting(&self) -> Accounting {
+        lock(&self.inner).totals
+    }
+
+    pub fn accounting_by_command(&self) -> BTreeMap<String, Accounting> {
+        lock(&self.inner)
+            .by_command
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
+    pub fn accounting_by_timeline(&self) -> BTreeMap<TimelineId, Accounting> {
+        lock(&self.inner)
+            .timelines
+            .iter()
+            .map(|(k, v)| (*k, v.accounting))
+            .collect()
+    }
+
+    /// The shutdown summary: command counts, fence totals, and the
+    /// accounting in total, per command and per timeline. The caller adds
+    /// what only it knows (`seed`).
+    pub fn summary(&self) -> Value {
+        let inner = lock(&self.inner);
+        let timelines: BTreeMap<String, Accounting> = inner
+            .timelines
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.accounting))
+            .collect();
         json!({
-            "commands": by_type.values().sum::<u64>(),
-            "commands_by_type": by_type,
-            "fences_submitted": submitted,
-            "fences_completed": completed,
-            "error_responses": self.errors(),
-            "dropped": self.dropped.load(Ordering::Relaxed),
+            "commands": inner.commands.values().sum::<u64>(),
+            "commands_by_type": inner.commands,
+            "fences_submitted": inner.totals.submitted,
+            "fences_completed": inner.totals.completed,
+            "error_responses": inner.error_responses,
+            "dropped": inner.dropped,
+            "fences_pending": inner.totals.pending + inner.totals.hung,
+            "accounting": inner.totals,
+            "accounting_by_command": inner.by_command,
+            "timelines": timelines,
+        })
+    }
+
+    /// Live statistics for the control plane: the accounting plus, per
+    /// timeline, p50/p90/p99/max/count of the injected and observed latency
+    /// in µs.
+    pub fn json(&self) -> Value {
+        let inner = lock(&self.inner);
+        let timelines: serde_json::Map<String, Value> = inner
+            .timelines
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    json!({
+                        "accounting": v.accounting,
+                        "injected_us": v.injected_us.json(),
+                        "observed_us": v.observed_us.json(),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "commands": inner.commands.values().sum::<u64>(),
+            "commands_by_type": inner.commands,
+            "error_responses": inner.error_responses,
+            "dropped": inner.dropped,
+            "accounting": inner.totals,
+            "accounting_by_command": inner.by_command,
+            "timelines": timelines,
         })
     }
 }
@@ -87,14 +328,27 @@ impl Stats {
 mod tests {
     use super::*;
 
+    const SUBMIT: &str = "SUBMIT_3D";
+
+    fn tag(ctx: u32) -> FenceTag {
+        FenceTag {
+            timeline: TimelineId { ctx, ring: 0 },
+            command: SUBMIT,
+        }
+    }
+
+    fn holds(a: &Accounting) -> bool {
+        a.submitted == a.completed + a.hung + a.pending + a.abandoned
+    }
+
     #[test]
     fn summary_counts() {
         let s = Stats::new();
         s.command("SUBMIT_3D");
         s.command("SUBMIT_3D");
         s.command("GET_EDID");
-        s.fence_submitted();
-        s.fences_completed(1);
+        s.fence_submitted(tag(1), false);
+        s.fence_completed(tag(1), true, Some(1_000), 2_000);
         s.error_response();
         let j = s.summary();
         assert_eq!(j["commands"], 3);
@@ -103,5 +357,64 @@ mod tests {
         assert_eq!(j["fences_completed"], 1);
         assert_eq!(j["error_responses"], 1);
         assert_eq!(j["dropped"], 0);
+        assert_eq!(j["fences_pending"], 0);
+        assert_eq!(j["accounting"]["errored"], 1);
+        assert_eq!(j["accounting_by_command"][SUBMIT]["completed"], 1);
+        assert_eq!(j["timelines"]["1.0"]["completed"], 1);
+    }
+
+    #[test]
+    fn every_transition_keeps_the_invariant_in_every_bucket() {
+        let s = Stats::new();
+        let (a, b) = (tag(1), tag(2));
+        s.fence_submitted(a, false);
+        s.fence_submitted(a, true);
+        s.fence_submitted(b, true);
+        s.fence_submitted(b, false);
+        s.fence_released(a);
+        s.fence_completed(a, false, None, 10);
+        s.fence_completed(a, false, Some(5), 10);
+        s.fence_abandoned(b, true);
+        s.irq_dropped(b);
+        s.irq_spurious(a);
+        s.deadline_hint(Some(b), true);
+        s.deadline_hint(None, false);
+
+        let total = s.accounting();
+        assert!(holds(&total), "{total:?}");
+        assert_eq!(
+            (total.submitted, total.completed, total.pending, total.hung),
+            (4, 2, 1, 0)
+        );
+        assert_eq!((total.abandoned, total.released), (1, 1));
+        assert_eq!((total.deadline_hints, total.deadline_boosts), (2, 1));
+        let tls = s.accounting_by_timeline();
+        assert!(tls.values().all(holds));
+        assert_eq!(tls[&b.timeline].deadline_hints, 1, "unknown hint not here");
+        assert_eq!(tls[&b.timeline].irq_dropped, 1);
+        assert_eq!(tls[&a.timeline].irq_spurious, 1);
+        let cmds = s.accounting_by_command();
+        assert!(cmds.values().all(holds));
+        assert_eq!(cmds[SUBMIT].submitted, 4);
+        assert_eq!(s.fences_outstanding(), 1);
+    }
+
+    #[test]
+    fn latency_histograms_report_microseconds() {
+        let s = Stats::new();
+        for ms in 1..=100u64 {
+            s.fence_submitted(tag(3), false);
+            s.fence_completed(tag(3), false, Some(ms * 1_000_000), ms * 1_000_000 + 7_000);
+        }
+        let j = s.json();
+        let inj = &j["timelines"]["3.0"]["injected_us"];
+        assert_eq!(inj["count"], 100);
+        let p50 = inj["p50"].as_u64().unwrap();
+        assert!((49_900..=50_100).contains(&p50), "{p50}");
+        let max = j["timelines"]["3.0"]["observed_us"]["max"]
+            .as_u64()
+            .unwrap();
+        assert!((100_000..=100_200).contains(&max), "{max}");
+        assert_eq!(j["accounting"]["completed"], 100);
     }
 }

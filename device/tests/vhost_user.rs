@@ -2,14 +2,15 @@
 //! a `vhost::Frontend` over a unix socket, guest memory in a memfd, and a
 //! split virtqueue written by hand in that memory.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fencelab_device::backend::{self, FencelabGpu};
+use common::*;
+use fencelab_device::backend::{self, DeviceConfig, FencelabGpu, FixedLatency};
+use fencelab_device::fault::NoTrace;
 use fencelab_device::protocol::*;
 use fencelab_device::stats::Stats;
 use vhost::vhost_user::message::{
@@ -17,143 +18,22 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{
-    Address, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
-
-const GPA: u64 = 0x10_0000;
-const MEM_SIZE: usize = 0x10_0000;
-const QSIZE: u16 = 16;
-const DESC: u64 = GPA;
-const AVAIL: u64 = GPA + 0x1000;
-const USED: u64 = GPA + 0x2000;
-const DATA: u64 = GPA + 0x1_0000;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-
-/// The driver side of one split virtqueue in test memory.
-struct Driver {
-    mem: GuestMemoryMmap,
-    next_desc: u16,
-    avail_idx: u16,
-    data: u64,
-}
-
-impl Driver {
-    fn alloc(&mut self, len: usize) -> u64 {
-        let at = self.data;
-        self.data += (len as u64 + 15) & !15;
-        at
-    }
-
-    fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
-        let i = self.next_desc;
-        self.next_desc = (self.next_desc + 1) % QSIZE;
-        let at = GuestAddress(DESC + u64::from(i) * 16);
-        let next = (i + 1) % QSIZE;
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
-        i
-    }
-
-    /// Posts a chain: one readable descriptor per part, then a writable
-    /// response buffer of `resp_len` bytes (none when 0). Returns the
-    /// response buffer's address.
-    fn post(&mut self, parts: &[&[u8]], resp_len: u32) -> u64 {
-        let mut head = None;
-        let n = parts.len() + usize::from(resp_len > 0);
-        let mut resp_addr = 0;
-        for (k, p) in parts.iter().enumerate() {
-            let addr = self.alloc(p.len());
-            self.mem.write_slice(p, GuestAddress(addr)).unwrap();
-            let last = k + 1 == n;
-            let d = self.desc(addr, p.len() as u32, if last { 0 } else { F_NEXT });
-            head.get_or_insert(d);
-        }
-        if resp_len > 0 {
-            resp_addr = self.alloc(resp_len as usize);
-            let d = self.desc(resp_addr, resp_len, F_WRITE);
-            head.get_or_insert(d);
-        }
-        let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
-        self.mem.write_obj(head.unwrap(), slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
-        resp_addr
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
-    }
-
-    /// (descriptor id, written length) of used entry `i`.
-    fn used(&self, i: u16) -> (u32, u32) {
-        let at = GuestAddress(USED + 4 + u64::from(i % QSIZE) * 8);
-        (
-            self.mem.read_obj(at).unwrap(),
-            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
-        )
-    }
-
-    fn wait_used(&self, n: u16) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.used_idx() < n {
-            assert!(
-                Instant::now() < deadline,
-                "used idx stuck at {} waiting for {n}",
-                self.used_idx()
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
-        Instant::now()
-    }
-
-    fn resp_hdr(&self, addr: u64) -> CtrlHdr {
-        self.mem.read_obj(GuestAddress(addr)).unwrap()
-    }
-}
-
-fn memfd_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(c"fencelab-test".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(GPA),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
-fn socket_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("fencelab-{name}-{}.sock", std::process::id()))
-}
-
-fn submit(hdr: CtrlHdr, payload: &[u8]) -> Vec<u8> {
-    let mut v = hdr.as_slice().to_vec();
-    let b = CmdSubmit {
-        size: payload.len() as u32,
-        padding: 0,
-    };
-    v.extend_from_slice(b.as_slice());
-    v
-}
 
 #[test]
 fn serves_a_frontend_like_qemu() {
     let path = socket_path("serve");
     let stats = Arc::new(Stats::new());
     let latency = Duration::from_millis(20);
-    let gpu = Arc::new(FencelabGpu::new(latency, stats.clone()).unwrap());
+    let gpu = Arc::new(
+        FencelabGpu::new(DeviceConfig {
+            decider: Box::new(FixedLatency::new(latency)),
+            tracer: Arc::new(NoTrace),
+            stats: stats.clone(),
+        })
+        .unwrap(),
+    );
     let mut listener = backend::bind(&path).unwrap();
     let server = {
         let gpu = gpu.clone();
@@ -183,12 +63,7 @@ fn serves_a_frontend_like_qemu() {
     fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
         .unwrap();
 
-    let mut drv = Driver {
-        mem: mem.clone(),
-        next_desc: 0,
-        avail_idx: 0,
-        data: DATA,
-    };
+    let mut drv = Driver::new(mem.clone());
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(0).unwrap();
     fe.set_vring_num(0, QSIZE).unwrap();

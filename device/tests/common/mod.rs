@@ -1,0 +1,514 @@
+//! An in-process vhost-user frontend, as QEMU would drive the backend: a
+//! `vhost::Frontend` over a unix socket, guest memory in a memfd, and a
+//! split virtqueue written by hand in that memory. Plus scripted deciders
+//! and a recording tracer for the fault tests.
+
+#![allow(dead_code)] // each test file uses part of the harness
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use fencelab_device::backend::{self, DeviceConfig, FencelabGpu};
+use fencelab_device::fault::{Decide, Decision, FenceInfo, TraceEvent, Tracer};
+use fencelab_device::protocol::*;
+use fencelab_device::stats::Stats;
+use fencelab_stream::Op;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Address, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub const GPA: u64 = 0x10_0000;
+pub const MEM_SIZE: usize = 0x40_0000;
+pub const QSIZE: u16 = 256;
+pub const DESC: u64 = GPA;
+pub const AVAIL: u64 = GPA + 0x1000;
+pub const USED: u64 = GPA + 0x2000;
+/// Scratch memory tests use as resource backing.
+pub const SCRATCH: u64 = GPA + 0x1_0000;
+pub const SCRATCH_LEN: u32 = 0x1_0000;
+pub const DATA: u64 = GPA + 0x2_0000;
+
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// The driver side of one split virtqueue in test memory.
+pub struct Driver {
+    pub mem: GuestMemoryMmap,
+    next_desc: u16,
+    avail_idx: u16,
+    data: u64,
+}
+
+impl Driver {
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        Driver {
+            mem,
+            next_desc: 0,
+            avail_idx: 0,
+            data: DATA,
+        }
+    }
+
+    fn alloc(&mut self, len: usize) -> u64 {
+        let at = self.data;
+        self.data += (len as u64 + 15) & !15;
+        assert!(
+            self.data < GPA + MEM_SIZE as u64,
+            "test driver out of memory"
+        );
+        at
+    }
+
+    fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
+        let i = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QSIZE;
+        let at = GuestAddress(DESC + u64::from(i) * 16);
+        let next = (i + 1) % QSIZE;
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        i
+    }
+
+    /// Posts a chain: one readable descriptor per part, then a writable
+    /// response buffer of `resp_len` bytes (none when 0). Returns the head
+    /// descriptor and the response buffer's address.
+    pub fn post_chain(&mut self, parts: &[&[u8]], resp_len: u32) -> (u16, u64) {
+        let mut head = None;
+        let n = parts.len() + usize::from(resp_len > 0);
+        let mut resp_addr = 0;
+        for (k, p) in parts.iter().enumerate() {
+            let addr = self.alloc(p.len());
+            self.mem.write_slice(p, GuestAddress(addr)).unwrap();
+            let last = k + 1 == n;
+            let d = self.desc(addr, p.len() as u32, if last { 0 } else { F_NEXT });
+            head.get_or_insert(d);
+        }
+        if resp_len > 0 {
+            resp_addr = self.alloc(resp_len as usize);
+            let d = self.desc(resp_addr, resp_len, F_WRITE);
+            head.get_or_insert(d);
+        }
+        let head = head.unwrap();
+        let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
+        self.mem.write_obj(head, slot).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+        (head, resp_addr)
+    }
+
+    /// [`Driver::post_chain`], returning only the response address.
+    pub fn post(&mut self, parts: &[&[u8]], resp_len: u32) -> u64 {
+        self.post_chain(parts, resp_len).1
+    }
+
+    /// EVENT_IDX: the used index after which the driver wants a notify.
+    pub fn set_used_event(&self, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)))
+            .unwrap();
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// (descriptor id, written length) of used entry `i`.
+    pub fn used(&self, i: u16) -> (u32, u32) {
+        let at = GuestAddress(USED + 4 + u64::from(i % QSIZE) * 8);
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    /// Waits (polling every ms, up to 10 s) until `n` entries are used.
+    pub fn wait_used(&self, n: u16) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx() < n {
+            assert!(
+                Instant::now() < deadline,
+                "used idx stuck at {} waiting for {n}",
+                self.used_idx()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        Instant::now()
+    }
+
+    pub fn resp_hdr(&self, addr: u64) -> CtrlHdr {
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+}
+
+pub fn memfd_memory() -> GuestMemoryMmap {
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"fencelab-test".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(GPA),
+        MEM_SIZE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+pub fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("fencelab-{name}-{}.sock", std::process::id()))
+}
+
+/// A `SUBMIT_3D` request header and size (the payload goes separately).
+pub fn submit(hdr: CtrlHdr, payload: &[u8]) -> Vec<u8> {
+    let mut v = hdr.as_slice().to_vec();
+    let b = CmdSubmit {
+        size: payload.len() as u32,
+        padding: 0,
+    };
+    v.extend_from_slice(b.as_slice());
+    v
+}
+
+/// A decider driven by a closure, with fixed boost and rescue.
+pub struct Script {
+    decide: Box<dyn FnMut(&FenceInfo) -> Decision + Send>,
+    pub boost: Option<Duration>,
+    pub rescue: Option<Duration>,
+}
+
+impl Script {
+    pub fn new(decide: impl FnMut(&FenceInfo) -> Decision + Send + 'static) -> Self {
+        Script {
+            decide: Box::new(decide),
+            boost: None,
+            rescue: None,
+        }
+    }
+
+    /// Looks each fence id up in `by_fence`; others get `default`.
+    pub fn table(by_fence: Vec<(u64, Decision)>, default: Decision) -> Self {
+        let table: HashMap<u64, Decision> = by_fence.into_iter().collect();
+        Script::new(move |f| table.get(&f.fence_id).cloned().unwrap_or(default.clone()))
+    }
+}
+
+impl Decide for Script {
+    fn decide(&mut self, fence: &FenceInfo) -> Decision {
+        (self.decide)(fence)
+    }
+    fn seed(&self) -> u64 {
+        42
+    }
+    fn deadline_boost(&self) -> Option<Duration> {
+        self.boost
+    }
+    fn irq_rescue(&self) -> Option<Duration> {
+        self.rescue
+    }
+    fn load_plan(&mut self, _source: &str, _origin: &str) -> Result<(), String> {
+        Err("scripted".into())
+    }
+    fn patch_plan(&mut self, _patch: &serde_json::Value) -> Result<(), String> {
+        Err("scripted".into())
+    }
+    fn plan_json(&self) -> serde_json::Value {
+        serde_json::json!("scripted")
+    }
+}
+
+pub fn latency(d: Duration) -> Decision {
+    Decision {
+        latency_ns: d.as_nanos() as u64,
+        ..Decision::default()
+    }
+}
+
+/// Keeps every trace event.
+#[derive(Default)]
+pub struct Recorder(Mutex<Vec<TraceEvent>>);
+
+impl Tracer for Recorder {
+    fn record(&self, event: TraceEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Recorder {
+    pub fn events(&self) -> Vec<TraceEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// (fence, t_ns, due_ns, response) of every completion, in order.
+    pub fn completions(&self) -> Vec<(u64, u64, Option<u64>, u32)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                TraceEvent::Complete {
+                    fence,
+                    t_ns,
+                    due_ns,
+                    response,
+                    ..
+                } => Some((fence, t_ns, due_ns, response)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A running backend with one connected frontend and its control queue
+/// enabled.
+pub struct Rig {
+    pub gpu: Arc<FencelabGpu>,
+    pub stats: Arc<Stats>,
+    pub trace: Arc<Recorder>,
+    pub fe: Frontend,
+    pub drv: Driver,
+    pub kick: EventFd,
+    /// Non-blocking: [`Rig::calls`] reads it without waiting.
+    pub call: EventFd,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Fence id of each head posted, for reading completion order.
+    fence_of_head: HashMap<u16, u64>,
+    used_seen: u16,
+}
+
+impl Rig {
+    /// Starts a backend deciding with `decider`, connects, negotiates (with
+    /// or without EVENT_IDX), and enables the control queue.
+    pub fn start(name: &str, decider: impl Decide + 'static, event_idx: bool) -> Rig {
+        let path = socket_path(name);
+        let stats = Arc::new(Stats::new());
+        let trace = Arc::new(Recorder::default());
+        let gpu = Arc::new(
+            FencelabGpu::new(DeviceConfig {
+                decider: Box::new(decider),
+                tracer: trace.clone(),
+                stats: stats.clone(),
+            })
+            .unwrap(),
+        );
+        let mut listener = backend::bind(&path).unwrap();
+        let server = {
+            let gpu = gpu.clone();
+            thread::spawn(move || backend::serve(&mut listener, gpu))
+        };
+
+        let mut fe = Frontend::connect(&path, 2).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let features = fe.get_features().unwrap();
+        let features = if event_idx {
+            features
+        } else {
+            features & !(1 << VIRTIO_RING_F_EVENT_IDX)
+        };
+        fe.set_features(features).unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
+        fe.set_protocol_features(proto).unwrap();
+        fe.set_owner().unwrap();
+
+        let mem = memfd_memory();
+        let region = mem.find_region(GuestAddress(GPA)).unwrap();
+        let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+            .unwrap();
+        let kick = EventFd::new(0).unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_base(0, 0).unwrap();
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host + (DESC - GPA),
+                used_ring_addr: host + (USED - GPA),
+                avail_ring_addr: host + (AVAIL - GPA),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        fe.set_vring_enable(0, true).unwrap();
+
+        let mut rig = Rig {
+            gpu,
+            stats,
+            trace,
+            fe,
+            drv: Driver::new(mem),
+            kick,
+            call,
+            server: Some(server),
+            fence_of_head: HashMap::new(),
+            used_seen: 0,
+        };
+        let ctx = CtrlHdr {
+            type_: CMD_CTX_CREATE,
+            ctx_id: 1,
+            ..CtrlHdr::default()
+        };
+        let r = rig
+            .drv
+            .post(&[ctx.as_slice(), CtxCreate::default().as_slice()], 24);
+        rig.kick();
+        rig.wait_used(1);
+        assert_eq!(rig.drv.resp_hdr(r).type_, RESP_OK_NODATA);
+        rig.used_seen = 1;
+        rig.calls();
+        rig
+    }
+
+    /// Creates context `ctx` (context 1 exists from the start).
+    pub fn ctx_create(&mut self, ctx: u32) {
+        let h = CtrlHdr {
+            type_: CMD_CTX_CREATE,
+            ctx_id: ctx,
+            ..CtrlHdr::default()
+        };
+        let r = self
+            .drv
+            .post(&[h.as_slice(), CtxCreate::default().as_slice()], 24);
+        self.kick();
+        let n = self.used_seen + 1;
+        self.wait_used(n);
+        self.used_seen = n;
+        assert_eq!(self.drv.resp_hdr(r).type_, RESP_OK_NODATA);
+    }
+
+    /// Creates 2D resource `id` backed by the scratch area (all of it).
+    pub fn backed_resource(&mut self, id: u32) {
+        let create = CtrlHdr {
+            type_: CMD_RESOURCE_CREATE_2D,
+            ..CtrlHdr::default()
+        };
+        let c = ResourceCreate2d {
+            resource_id: id,
+            format: FORMAT_B8G8R8X8_UNORM,
+            width: 64,
+            height: 64,
+        };
+        let r1 = self.drv.post(&[create.as_slice(), c.as_slice()], 24);
+        let attach = CtrlHdr {
+            type_: CMD_RESOURCE_ATTACH_BACKING,
+            ..CtrlHdr::default()
+        };
+        let a = ResourceAttachBacking {
+            resource_id: id,
+            nr_entries: 1,
+        };
+        let e = MemEntry {
+            addr: SCRATCH,
+            length: SCRATCH_LEN,
+            padding: 0,
+        };
+        let r2 = self
+            .drv
+            .post(&[attach.as_slice(), a.as_slice(), e.as_slice()], 24);
+        self.kick();
+        let n = self.used_seen + 2;
+        self.wait_used(n);
+        self.used_seen = n;
+        assert_eq!(self.drv.resp_hdr(r1).type_, RESP_OK_NODATA);
+        assert_eq!(self.drv.resp_hdr(r2).type_, RESP_OK_NODATA);
+    }
+
+    /// Posts a fenced `SUBMIT_3D` (not kicked). `ring`: `Some` sets
+    /// `VIRTIO_GPU_FLAG_INFO_RING_IDX`. Returns the response address.
+    pub fn post_fenced(&mut self, ctx: u32, ring: Option<u8>, fence: u64, ops: &[Op]) -> u64 {
+        let mut flags = VIRTIO_GPU_FLAG_FENCE;
+        if ring.is_some() {
+            flags |= VIRTIO_GPU_FLAG_INFO_RING_IDX;
+        }
+        let hdr = CtrlHdr {
+            type_: CMD_SUBMIT_3D,
+            flags,
+            fence_id: fence,
+            ctx_id: ctx,
+            ring_idx: ring.unwrap_or(0),
+            ..CtrlHdr::default()
+        };
+        let payload = fencelab_stream::encode(ops);
+        let (head, resp) = self.drv.post_chain(&[&submit(hdr, &payload), &payload], 24);
+        self.fence_of_head.insert(head, fence);
+        resp
+    }
+
+    /// Posts an unfenced `SUBMIT_3D` on context 1 (not kicked).
+    pub fn post_unfenced(&mut self, ops: &[Op]) -> u64 {
+        let hdr = CtrlHdr {
+            type_: CMD_SUBMIT_3D,
+            ctx_id: 1,
+            ..CtrlHdr::default()
+        };
+        let payload = fencelab_stream::encode(ops);
+        self.drv.post(&[&submit(hdr, &payload), &payload], 24)
+    }
+
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    pub fn wait_used(&self, n: u16) -> Instant {
+        self.drv.wait_used(n)
+    }
+
+    /// Waits for `n` more used entries and returns their fence ids (0 for
+    /// chains that were not fenced), in used-ring order.
+    pub fn wait_fences(&mut self, n: u16) -> Vec<u64> {
+        let to = self.used_seen + n;
+        self.wait_used(to);
+        let ids = (self.used_seen..to)
+            .map(|i| {
+                let head = self.drv.used(i).0 as u16;
+                self.fence_of_head.get(&head).copied().unwrap_or(0)
+            })
+            .collect();
+        self.used_seen = to;
+        ids
+    }
+
+    /// Used entries not yet taken by [`Rig::wait_fences`].
+    pub fn unseen_used(&self) -> u16 {
+        self.drv.used_idx().wrapping_sub(self.used_seen)
+    }
+
+    /// Call-eventfd writes since the last look (the eventfd counter; 0 when
+    /// there were none).
+    pub fn calls(&self) -> u64 {
+        match self.call.read() {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("call eventfd: {e}"),
+        }
+    }
+
+    /// Disconnects and waits for the backend to finish serving.
+    pub fn finish(mut self) {
+        let server = self.server.take().unwrap();
+        drop(self.fe);
+        server.join().unwrap().unwrap();
+    }
+}
