@@ -270,7 +270,11 @@ pub enum TraceEvent {
         writes: Vec<(u64, u64)>,
     },
     /// A hung fence was released over the control plane.
-    Release { t_ns: u64, timeline: TimelineId, fence: u64 },
+    Release {
+        t_ns: u64,
+        timeline: TimelineId,
+        fence: u64,
+    },
     /// A `DEADLINE` hint arrived.
     Deadline {
         t_ns: u64,
@@ -283,14 +287,28 @@ pub enum TraceEvent {
         new_due_ns: Option<u64>,
     },
     /// The guest was interrupted; `covers` completions were new.
-    Notify { t_ns: u64, kind: NotifyKind, covers: u32 },
+    Notify {
+        t_ns: u64,
+        kind: NotifyKind,
+        covers: u32,
+    },
     /// Completions landed without a notify.
-    IrqDropped { t_ns: u64, fences: u32 },
-    Paused { t_ns: u64 },
-    Resumed { t_ns: u64 },
+    IrqDropped {
+        t_ns: u64,
+        fences: u32,
+    },
+    Paused {
+        t_ns: u64,
+    },
+    Resumed {
+        t_ns: u64,
+    },
     /// A device reset abandoned these hung fences (their chains are not
     /// returned; the guest driver has reset the queue).
-    Abandoned { t_ns: u64, fences: Vec<u64> },
+    Abandoned {
+        t_ns: u64,
+        fences: Vec<u64>,
+    },
 }
 
 /// Where trace events go. Implementations must be cheap to call from the
