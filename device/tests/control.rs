@@ -528,6 +528,10 @@ fn ctl_exits_0_on_ok_1_on_refusal_2_when_unreachable() {
     let ok = ctl(path, &["release", "--timeline", "3"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     assert_eq!(stdout_json(&ok), json!({"ok": true, "released": 2}));
+    assert!(
+        ok.stdout.starts_with(b"{\"ok\":true,"),
+        "the verdict comes first"
+    );
     assert_eq!(
         run.device.calls().last(),
         Some(&Call::Release(ReleaseTarget::Timeline {

@@ -82,6 +82,16 @@ impl Client {
     /// Sends one line as it is (a newline is added) and returns the reply's
     /// JSON, whatever it says.
     pub fn send_line(&mut self, line: &str) -> Result<Value, ClientError> {
+        let reply = self.exchange(line)?;
+        serde_json::from_str(&reply).map_err(|e| ClientError::BadReply {
+            path: self.path.clone(),
+            message: format!("{e}"),
+        })
+    }
+
+    /// Sends one line as it is (a newline is added) and returns the reply
+    /// line as the device wrote it, without its newline.
+    pub fn exchange(&mut self, line: &str) -> Result<String, ClientError> {
         if line.contains('\n') {
             return Err(ClientError::MultiLine);
         }
@@ -121,9 +131,13 @@ impl Client {
             }
             Err(e) => return Err(io_error(e)),
         }
-        serde_json::from_str(&reply).map_err(|e| ClientError::BadReply {
-            path: self.path.clone(),
-            message: format!("{e}"),
-        })
+        if !reply.ends_with('\n') {
+            return Err(ClientError::BadReply {
+                path: self.path.clone(),
+                message: "the reply was cut off".into(),
+            });
+        }
+        reply.pop();
+        Ok(reply)
     }
 }

@@ -129,21 +129,28 @@ fn run_code(args: CtlArgs) -> u8 {
         Ok(outgoing) => outgoing,
         Err(e) => return fail(EXIT_REFUSED, &e),
     };
-    let reply = Client::connect(&args.socket).and_then(|mut client| match outgoing {
-        Outgoing::Request(request) => client.send_line(&request.to_json().to_string()),
-        Outgoing::Raw(line) => client.send_line(&line),
+    let exchanged = Client::connect(&args.socket).and_then(|mut client| match outgoing {
+        Outgoing::Request(request) => client.exchange(&request.to_json().to_string()),
+        Outgoing::Raw(line) => client.exchange(&line),
     });
-    let reply = match reply {
-        Ok(reply) => reply,
+    let text = match exchanged {
+        Ok(text) => text,
         Err(e) => return fail(EXIT_UNREACHABLE, &e.to_string()),
     };
-    let text = if args.pretty {
-        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+    let reply: Value = match serde_json::from_str(&text) {
+        Ok(reply) => reply,
+        Err(e) => {
+            let message = format!("the device's reply is not JSON ({e}): {text}");
+            return fail(EXIT_UNREACHABLE, &message);
+        }
+    };
+    let shown = if args.pretty {
+        serde_json::to_string_pretty(&reply).unwrap_or(text)
     } else {
-        reply.to_string()
+        text
     };
     // Not println!: it panics when stdout is closed.
-    let _ = writeln!(std::io::stdout(), "{text}");
+    let _ = writeln!(std::io::stdout(), "{shown}");
     match reply.get("ok") {
         Some(Value::Bool(true)) => EXIT_OK,
         _ => {

@@ -349,11 +349,20 @@ impl Response {
         Value::Object(object)
     }
 
-    /// The reply as one line, newline included.
+    /// The reply as one line, newline included, `"ok"` first so a person
+    /// reading it sees the verdict first (JSON objects are otherwise
+    /// written with sorted keys).
     pub fn to_line(&self) -> String {
-        let mut line = self.to_json().to_string();
-        line.push('\n');
-        line
+        let rest = match self {
+            Response::Ok(fields) => Value::Object(fields.clone()),
+            Response::Err(message) => serde_json::json!({ "error": message }),
+        }
+        .to_string();
+        let ok = self.is_ok();
+        match rest.strip_prefix('{').filter(|r| *r != "}") {
+            Some(rest) => format!("{{\"ok\":{ok},{rest}\n"),
+            None => format!("{{\"ok\":{ok}}}\n"),
+        }
     }
 
     /// Reads a reply the server sent.
@@ -574,8 +583,17 @@ mod tests {
     fn responses_have_the_documented_shape() {
         let ok = Response::ok_with("released", 3.into());
         assert_eq!(ok.to_line(), "{\"ok\":true,\"released\":3}\n");
-        let err = Response::Err("no".into());
-        assert_eq!(err.to_json(), json!({"ok": false, "error": "no"}));
+        assert_eq!(Response::Ok(Map::new()).to_line(), "{\"ok\":true}\n");
+        let err = Response::Err("no \"quotes\"\n".into());
+        assert_eq!(
+            err.to_line(),
+            "{\"ok\":false,\"error\":\"no \\\"quotes\\\"\\n\"}\n"
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&ok.to_line()).unwrap(),
+            ok.to_json()
+        );
+        assert_eq!(err.to_json(), json!({"ok": false, "error": "no \"quotes\"\n"}));
         assert_eq!(Response::from_json(ok.to_json()), Ok(ok));
         assert_eq!(Response::from_json(err.to_json()), Ok(err));
         assert!(Response::from_json(json!({"ok": false})).is_err());

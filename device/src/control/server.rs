@@ -96,6 +96,12 @@ impl ControlServer {
         &self.path
     }
 
+    /// Removes the socket file (if still this server's) so no new client can
+    /// connect; for a process about to exit without running destructors.
+    pub fn remove_socket(&self) {
+        self.socket.remove_file();
+    }
+
     /// Stops serving (open connections are dropped), waits for the thread
     /// and removes the socket file.
     pub fn stop(mut self) {
