@@ -1,21 +1,32 @@
-//! `fencelab-device --socket PATH [--latency DUR] [--log-file PATH]`
+//! `fencelab-device --socket PATH [--latency DUR | --plan FILE] [--seed N]
+//! [--replay TRACE] [--trace FILE] [--control-socket PATH] [--log-file PATH]`
 //! `fencelab-device ctl --socket CTL <command>`
 //!
 //! Serves one vhost-user frontend connection, then prints a summary and
-//! exits. SIGTERM/SIGINT print the summary too. `ctl` talks to a running
-//! device over its control socket (see `device/CONTROL.md`).
+//! exits. SIGTERM/SIGINT print the summary too. While it runs, the control
+//! socket (`device/CONTROL.md`) drives it; `ctl` is that socket's client.
+//!
+//! Exit status: 0 after a run; 1 when the device cannot start or its
+//! frontend connection fails; 2 for bad arguments, an invalid plan or an
+//! unreadable replay trace (nothing is started then).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use fencelab_device::backend::{self, FencelabGpu};
+use fencelab_device::backend::{self, DeviceConfig, FencelabGpu};
 use fencelab_device::control::ctl::{self, CtlArgs};
+use fencelab_device::control::{ControlServer, default_socket_path};
+use fencelab_device::decide::{PlanDecider, choose_seed};
+use fencelab_device::fault::{Decide, DeviceControl, NoTrace, TraceEvent, Tracer};
+use fencelab_device::plan::Plan;
 use fencelab_device::stats::Stats;
-use tracing::info;
+use fencelab_device::trace::{self, JsonLinesTrace, ReplayDecider};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// vhost-user virtio-gpu backend with a scheduled fence engine.
@@ -44,9 +55,27 @@ struct Args {
     /// Unix socket to listen on for the vhost-user frontend (QEMU).
     #[arg(long, required = true)]
     socket: Option<PathBuf>,
-    /// Base completion latency of every fence, e.g. `100us`, `2ms`.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
-    latency: Duration,
+    /// Every fence completes this long after it arrives, no faults, e.g.
+    /// `100us`, `2ms` (the plan `[default] latency = DUR`). Not with --plan.
+    #[arg(long, value_parser = parse_duration)]
+    latency: Option<Duration>,
+    /// The fault plan (TOML; see device/plans/README.md).
+    #[arg(long, value_name = "FILE")]
+    plan: Option<PathBuf>,
+    /// Seed of every random decision (default: the plan's `seed`, else the
+    /// replayed trace's, else random; the seed used is printed at start).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Repeat the decisions recorded in this trace; fences it has no
+    /// decision for follow the plan.
+    #[arg(long, value_name = "TRACE")]
+    replay: Option<PathBuf>,
+    /// Write every decision and completion to this file (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// The control socket [default: <socket>.ctl].
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Write logs to this file instead of stderr.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -57,6 +86,42 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 0s, 100us, 2ms)"))
+}
+
+/// Why the device did not run.
+#[derive(Debug)]
+enum Failure {
+    /// Bad arguments, plan or replay trace: exit 2, nothing started.
+    Setup(anyhow::Error),
+    /// Anything later: exit 1.
+    Run(anyhow::Error),
+}
+
+fn setup<T>(result: anyhow::Result<T>) -> Result<T, Failure> {
+    result.map_err(Failure::Setup)
+}
+
+fn run<T>(result: anyhow::Result<T>) -> Result<T, Failure> {
+    result.map_err(Failure::Run)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let failure = match cli.command {
+        Some(Command::Ctl(args)) => return ctl::run(args),
+        None => match run_device(cli.device) {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(failure) => failure,
+        },
+    };
+    let (code, error) = match failure {
+        Failure::Setup(e) => (2, e),
+        Failure::Run(e) => (1, e),
+    };
+    tracing::error!("{error:#}");
+    // Not eprintln!: it panics when stderr is gone.
+    let _ = writeln!(std::io::stderr(), "fencelab-device: error: {error:#}");
+    ExitCode::from(code)
 }
 
 fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
@@ -85,16 +150,109 @@ fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
+/// What the run decides with, resolved from the arguments before anything
+/// starts.
+struct Setup {
+    plan: Plan,
+    seed: u64,
+    decider: Box<dyn Decide>,
+}
+
+/// Loads the plan (and the replay trace) and chooses the seed: `--seed`,
+/// else the plan's, else the replayed trace's, else random.
+fn resolve(args: &Args) -> anyhow::Result<Setup> {
+    let replay = match &args.replay {
+        Some(path) => Some(
+            trace::read_trace(path).with_context(|| format!("cannot replay {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let recorded = replay.as_deref().and_then(start_of);
+    let plan = match (&args.plan, args.latency) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--latency and --plan cannot be combined: the plan sets every latency \
+             (put `latency = \"2ms\"` in its [default] table instead)"
+        ),
+        (Some(path), None) => Plan::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        (None, Some(latency)) => Plan::fixed_latency(latency),
+        (None, None) => match recorded {
+            Some((_, origin, sha256)) => plan_of_recording(origin, sha256),
+            None => Plan::fixed_latency(Duration::ZERO),
+        },
+    };
+    let recorded_seed = recorded.map(|(seed, _, _)| seed);
+    let seed = choose_seed(args.seed.or(plan.seed()).or(recorded_seed), &plan);
+    let fallback = PlanDecider::new(plan.clone(), seed);
+    let decider: Box<dyn Decide> = match (replay, &args.replay) {
+        (Some(events), Some(path)) => Box::new(
+            ReplayDecider::new(events, &path.display().to_string(), fallback)
+                .with_context(|| format!("cannot replay {}", path.display()))?,
+        ),
+        _ => Box::new(fallback),
+    };
+    Ok(Setup {
+        plan,
+        seed,
+        decider,
+    })
+}
+
+/// The seed, plan origin and plan hash a trace's `Start` event recorded.
+fn start_of(events: &[TraceEvent]) -> Option<(u64, &str, &str)> {
+    events.iter().find_map(|event| match event {
+        TraceEvent::Start {
+            seed,
+            plan,
+            plan_sha256,
+            ..
+        } => Some((*seed, plan.as_str(), plan_sha256.as_str())),
+        _ => None,
+    })
+}
+
+/// The plan a replay falls back on without --plan or --latency: the one the
+/// trace was recorded with, when it can be found again unchanged.
+fn plan_of_recording(origin: &str, sha256: &str) -> Plan {
+    if let Some(latency) = origin.strip_prefix("--latency ") {
+        if let Ok(latency) = parse_duration(latency) {
+            return Plan::fixed_latency(latency);
+        }
+    }
+    match Plan::load(origin) {
+        Ok(plan) if plan.sha256_hex() == sha256 => {
+            info!("replay falls back on the recorded plan {origin}");
+            return plan;
+        }
+        Ok(_) => warn!("the recorded plan {origin} has changed since the trace was written"),
+        Err(e) => warn!("the recorded plan is not available: {e}"),
+    }
+    warn!("fences the trace has no decision for complete at once (give --plan to choose)");
+    Plan::fixed_latency(Duration::ZERO)
+}
+
+fn open_tracer(path: Option<&Path>) -> anyhow::Result<Arc<dyn Tracer>> {
+    Ok(match path {
+        Some(path) => Arc::new(
+            JsonLinesTrace::create(path)
+                .with_context(|| format!("cannot create trace file {}", path.display()))?,
+        ),
+        None => Arc::new(NoTrace),
+    })
+}
+
 static SUMMARY: Once = Once::new();
 
-/// Logs and prints the summary, once, whoever gets here first.
-fn print_summary(stats: &Stats, pending: usize) {
+/// Logs and prints the summary and flushes the trace, once, whoever gets
+/// here first (the main thread or the signal thread).
+fn finish(backend: &FencelabGpu) {
     SUMMARY.call_once(|| {
-        let mut summary = stats.summary();
-        summary["fences_pending"] = pending.into();
+        let summary = backend.summary();
         info!(%summary, "summary");
         // Not eprintln!: it panics when stderr is gone, and this must not.
         let _ = writeln!(std::io::stderr(), "fencelab-device: summary {summary}");
+        if let Err(e) = DeviceControl::flush_trace(backend) {
+            warn!("{e}");
+        }
     });
 }
 
@@ -119,64 +277,88 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Ctl(args)) => ctl::run(args),
-        None => match run_device(cli.device) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "fencelab-device: error: {e:#}");
-                std::process::ExitCode::FAILURE
+/// On SIGINT/SIGTERM: summary, trace flushed, sockets removed, exit 0.
+fn spawn_signal_thread(
+    signals: libc::sigset_t,
+    backend: Arc<FencelabGpu>,
+    control: Arc<ControlServer>,
+    socket: PathBuf,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `signals` is a valid set and `sig` a valid out-pointer.
+            let rc = unsafe { libc::sigwait(&signals, &mut sig) };
+            if rc == 0 {
+                info!(signal = sig, "terminating on signal");
             }
-        },
-    }
+            finish(&backend);
+            control.remove_socket();
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
-fn run_device(args: Args) -> anyhow::Result<()> {
-    let socket = args
-        .socket
-        .context("--socket is required to run the device")?;
-    let signals = block_signals()?;
-    init_logging(args.log_file.as_deref())?;
+fn run_device(args: Args) -> Result<(), Failure> {
+    let socket = setup(
+        args.socket
+            .clone()
+            .context("--socket is required to run the device"),
+    )?;
+    let signals = run(block_signals())?;
+    run(init_logging(args.log_file.as_deref()))?;
+    let Setup {
+        plan,
+        seed,
+        decider,
+    } = setup(resolve(&args))?;
+
+    let replay = args.replay.as_ref().map(|p| p.display().to_string());
+    let tracer = run(open_tracer(args.trace.as_deref()))?;
+    tracer.record(trace::start_event(seed, &plan, replay.as_deref()));
+    let _ = writeln!(std::io::stderr(), "fencelab-device: seed {seed}");
+    info!(
+        seed,
+        plan = plan.origin(),
+        plan_sha256 = plan.sha256_hex(),
+        replay,
+        "starting"
+    );
 
     let stats = Arc::new(Stats::new());
-    let backend = Arc::new(
-        FencelabGpu::new(backend::DeviceConfig {
-            decider: Box::new(backend::FixedLatency::new(args.latency)),
-            tracer: Arc::new(fencelab_device::fault::NoTrace),
-            stats: stats.clone(),
-        })
-        .context("cannot start the fence engine")?,
-    );
-    let mut listener = backend::bind(&socket)?;
-    info!(socket = %socket.display(), latency = ?args.latency, "listening");
+    let backend = Arc::new(run(FencelabGpu::new(DeviceConfig {
+        decider,
+        tracer,
+        stats,
+    })
+    .context("cannot start the fence engine"))?);
 
-    {
-        let backend = backend.clone();
-        let socket = socket.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `signals` is a valid set and `sig` a valid out-pointer.
-                let rc = unsafe { libc::sigwait(&signals, &mut sig) };
-                if rc == 0 {
-                    info!(signal = sig, "terminating on signal");
-                }
-                print_summary(backend.stats(), backend.pending_fences());
-                let _ = std::fs::remove_file(&socket);
-                std::process::exit(0);
-            })
-            .context("cannot start the signal thread")?;
-    }
+    // The control socket first: once the vhost-user socket exists (what a
+    // launcher waits for), the control socket is ready too.
+    let control_path = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| default_socket_path(&socket));
+    let control = Arc::new(run(ControlServer::start(&control_path, backend.clone()))?);
+    let mut listener = run(backend::bind(&socket))?;
+    info!(socket = %socket.display(), control = %control_path.display(), "listening");
+    run(spawn_signal_thread(
+        signals,
+        backend.clone(),
+        control.clone(),
+        socket,
+    ))?;
 
     let res = backend::serve(&mut listener, backend.clone());
     match &res {
         Ok(()) => info!("frontend disconnected"),
         Err(e) => tracing::error!("{e:#}"),
     }
-    print_summary(backend.stats(), backend.pending_fences());
+    finish(&backend);
+    control.remove_socket();
     drop(listener);
-    res
+    run(res)
 }
