@@ -586,6 +586,8 @@ impl<T> Scheduler<T> {
                     due_ns.map(|d| d.saturating_sub(f.arrival_ns)),
                     now.saturating_sub(f.arrival_ns),
                 );
+                self.irq.landed(now, f.irq, f.tag);
+                // Last: whoever sees the trace event sees the counts too.
                 self.tracer.record(TraceEvent::Complete {
                     t_ns: now,
                     timeline: f.tag.timeline,
@@ -594,7 +596,6 @@ impl<T> Scheduler<T> {
                     response: f.response,
                     writes,
                 });
-                self.irq.landed(now, f.irq, f.tag);
             }
             Err(e) => {
                 warn!(

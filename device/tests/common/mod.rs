@@ -505,6 +505,49 @@ impl Rig {
         }
     }
 
+    /// Blocks until the call eventfd is written (or `timeout`); returns when.
+    pub fn wait_call(&self, timeout: Duration) -> Option<Instant> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        (n == 1).then(Instant::now)
+    }
+
+    /// Waits up to 10 s for the trace to satisfy `cond`.
+    pub fn wait_trace(&self, what: &str, cond: impl Fn(&[TraceEvent]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond(&self.trace.events()) {
+            assert!(Instant::now() < deadline, "trace never showed {what}");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits until the trace holds `n` completions (the engine traces a
+    /// completion after counting it, so the accounting is then current).
+    pub fn wait_completions(&self, n: usize) {
+        self.wait_trace(&format!("{n} completions"), |ev| {
+            ev.iter()
+                .filter(|e| matches!(e, TraceEvent::Complete { .. }))
+                .count()
+                >= n
+        });
+    }
+
+    /// Polls `cond` every 2 ms for up to 10 s.
+    pub fn wait_until(&self, what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Disconnects and waits for the backend to finish serving.
     pub fn finish(mut self) {
         let server = self.server.take().unwrap();
