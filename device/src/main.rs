@@ -13,6 +13,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -118,11 +119,17 @@ fn main() -> ExitCode {
         Failure::Setup(e) => (2, e),
         Failure::Run(e) => (1, e),
     };
-    tracing::error!("{error:#}");
+    if LOGS_TO_FILE.load(Ordering::Relaxed) {
+        tracing::error!("{error:#}");
+    }
     // Not eprintln!: it panics when stderr is gone.
     let _ = writeln!(std::io::stderr(), "fencelab-device: error: {error:#}");
     ExitCode::from(code)
 }
+
+/// Set once logs go to --log-file (not stderr): errors are then logged
+/// there as well as printed.
+static LOGS_TO_FILE: AtomicBool = AtomicBool::new(false);
 
 fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -134,6 +141,7 @@ fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
+            LOGS_TO_FILE.store(true, Ordering::Relaxed);
             builder
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(file))
@@ -159,11 +167,13 @@ struct Setup {
 }
 
 /// Loads the plan (and the replay trace) and chooses the seed: `--seed`,
-/// else the plan's, else the replayed trace's, else random.
+/// else the `--plan`'s, else the replayed trace's, else the plan's (from
+/// `--latency`: none), else random.
 fn resolve(args: &Args) -> anyhow::Result<Setup> {
     let replay = match &args.replay {
         Some(path) => Some(
-            trace::read_trace(path).with_context(|| format!("cannot replay {}", path.display()))?,
+            // The error names the file; its Display already includes the cause.
+            trace::read_trace(path).map_err(|e| anyhow::anyhow!("cannot replay: {e}"))?,
         ),
         None => None,
     };
@@ -180,13 +190,16 @@ fn resolve(args: &Args) -> anyhow::Result<Setup> {
             None => Plan::fixed_latency(Duration::ZERO),
         },
     };
+    // A plan recovered from the trace does not outrank the trace's seed: the
+    // recorded run may have been started with --seed.
+    let plan_seed = args.plan.as_ref().and(plan.seed());
     let recorded_seed = recorded.map(|(seed, _, _)| seed);
-    let seed = choose_seed(args.seed.or(plan.seed()).or(recorded_seed), &plan);
+    let seed = choose_seed(args.seed.or(plan_seed).or(recorded_seed), &plan);
     let fallback = PlanDecider::new(plan.clone(), seed);
     let decider: Box<dyn Decide> = match (replay, &args.replay) {
         (Some(events), Some(path)) => Box::new(
             ReplayDecider::new(events, &path.display().to_string(), fallback)
-                .with_context(|| format!("cannot replay {}", path.display()))?,
+                .map_err(|e| anyhow::anyhow!("cannot replay: {e}"))?,
         ),
         _ => Box::new(fallback),
     };
