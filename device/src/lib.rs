@@ -12,6 +12,7 @@
 //! - [`plan`]: fault plans (TOML), checked with precise errors.
 //! - [`decide`]: the seeded decider that applies a plan to each fence.
 //! - [`trace`]: the JSON-lines trace, and replaying a run from it.
+//! - [`control`]: the control socket (server, protocol, `ctl` client).
 
 pub mod backend;
 pub mod control;
