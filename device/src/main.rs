@@ -321,6 +321,16 @@ fn run_device(args: Args) -> Result<(), Failure> {
             .clone()
             .context("--socket is required to run the device"),
     )?;
+    let control_path = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| default_socket_path(&socket));
+    if std::path::absolute(&control_path).ok() == std::path::absolute(&socket).ok() {
+        return Err(Failure::Setup(anyhow::anyhow!(
+            "--control-socket must differ from --socket ({})",
+            socket.display()
+        )));
+    }
     let signals = run(block_signals())?;
     run(init_logging(args.log_file.as_deref()))?;
     let Setup {
@@ -351,10 +361,6 @@ fn run_device(args: Args) -> Result<(), Failure> {
 
     // The control socket first: once the vhost-user socket exists (what a
     // launcher waits for), the control socket is ready too.
-    let control_path = args
-        .control_socket
-        .clone()
-        .unwrap_or_else(|| default_socket_path(&socket));
     let control = Arc::new(run(ControlServer::start(&control_path, backend.clone()))?);
     let mut listener = run(backend::bind(&socket))?;
     info!(socket = %socket.display(), control = %control_path.display(), "listening");

@@ -272,7 +272,7 @@ fn a_broken_plan_stops_the_device_before_it_starts() {
 }
 
 #[test]
-fn latency_and_plan_do_not_combine() {
+fn contradictory_arguments_are_refused_before_anything_starts() {
     let dir = Scratch::new("both");
     let plan = plans().join("hang.toml");
     let output = run_to_exit(&[
@@ -290,6 +290,21 @@ fn latency_and_plan_do_not_combine() {
         "{stderr}"
     );
     assert!(stderr.contains("[default]"), "{stderr}");
+
+    let same = dir.path("same.sock");
+    let output = run_to_exit(&[
+        "--socket",
+        same.to_str().unwrap(),
+        "--control-socket",
+        same.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--control-socket must differ from --socket"),
+        "{stderr}"
+    );
+    assert!(!same.exists());
 }
 
 #[test]
