@@ -31,7 +31,6 @@ mod completion;
 mod control;
 
 pub use completion::{Completion, SharedVring};
-pub use control::{FixedLatency, sha256_hex};
 
 use std::collections::HashMap;
 use std::io;
@@ -807,7 +806,10 @@ mod tests {
     #[test]
     fn config_space_reads() {
         let b = FencelabGpu::new(DeviceConfig {
-            decider: Box::new(FixedLatency::new(std::time::Duration::ZERO)),
+            decider: Box::new(crate::decide::PlanDecider::new(
+                crate::plan::Plan::fixed_latency(std::time::Duration::ZERO),
+                1,
+            )),
             tracer: Arc::new(crate::fault::NoTrace),
             stats: Arc::new(Stats::new()),
         })

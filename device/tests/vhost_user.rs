@@ -9,8 +9,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fencelab_device::backend::{self, DeviceConfig, FencelabGpu, FixedLatency};
+use fencelab_device::backend::{self, DeviceConfig, FencelabGpu};
+use fencelab_device::decide::PlanDecider;
 use fencelab_device::fault::NoTrace;
+use fencelab_device::plan::Plan;
 use fencelab_device::protocol::*;
 use fencelab_device::stats::Stats;
 use vhost::vhost_user::message::{
@@ -28,7 +30,7 @@ fn serves_a_frontend_like_qemu() {
     let latency = Duration::from_millis(20);
     let gpu = Arc::new(
         FencelabGpu::new(DeviceConfig {
-            decider: Box::new(FixedLatency::new(latency)),
+            decider: Box::new(PlanDecider::new(Plan::fixed_latency(latency), 7)),
             tracer: Arc::new(NoTrace),
             stats: stats.clone(),
         })

@@ -3,19 +3,15 @@
 //! vring thread takes the same one per fence); releases and pause go to the
 //! engine and are in effect when the call returns.
 
-use std::time::Duration;
-
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::{FencelabGpu, lock};
-use crate::fault::{
-    Accounting, Decide, Decision, DeviceControl, FenceInfo, ReleaseTarget, TraceEvent,
-};
+use crate::fault::{Accounting, DeviceControl, ReleaseTarget, TraceEvent};
 
 /// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
+fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -96,59 +92,41 @@ impl DeviceControl for FencelabGpu {
     }
 }
 
-/// Every fence completes `latency` (plus its `WORK`) after it arrived.
-///
-/// TEMPORARY: keeps `--latency` working until `plan::Plan::fixed_latency`
-/// and `decide::PlanDecider` land; remove it then.
-#[derive(Debug, Clone, Copy)]
-pub struct FixedLatency {
-    latency: Duration,
-}
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
 
-impl FixedLatency {
-    pub fn new(latency: Duration) -> Self {
-        FixedLatency { latency }
-    }
-}
+    use super::*;
+    use crate::backend::DeviceConfig;
+    use crate::decide::PlanDecider;
+    use crate::fault::Tracer;
+    use crate::plan::Plan;
+    use crate::stats::Stats;
 
-impl Decide for FixedLatency {
-    fn decide(&mut self, _fence: &FenceInfo) -> Decision {
-        Decision {
-            latency_ns: u64::try_from(self.latency.as_nanos()).unwrap_or(u64::MAX),
-            ..Decision::default()
+    #[derive(Default)]
+    struct Log(Mutex<Vec<TraceEvent>>);
+    impl Tracer for Log {
+        fn record(&self, event: TraceEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
         }
     }
 
-    fn seed(&self) -> u64 {
-        0
+    fn device() -> (FencelabGpu, Arc<Log>) {
+        let log = Arc::new(Log::default());
+        let gpu = FencelabGpu::new(DeviceConfig {
+            decider: Box::new(PlanDecider::new(
+                Plan::fixed_latency(std::time::Duration::from_millis(1)),
+                99,
+            )),
+            tracer: log.clone(),
+            stats: Arc::new(Stats::new()),
+        })
+        .unwrap();
+        (gpu, log)
     }
-
-    fn deadline_boost(&self) -> Option<Duration> {
-        None
-    }
-
-    fn irq_rescue(&self) -> Option<Duration> {
-        None
-    }
-
-    fn load_plan(&mut self, _source: &str, origin: &str) -> Result<(), String> {
-        Err(format!(
-            "cannot load plan {origin}: this device runs a fixed latency, without a plan engine"
-        ))
-    }
-
-    fn patch_plan(&mut self, _patch: &Value) -> Result<(), String> {
-        Err("cannot patch the plan: this device runs a fixed latency, without a plan engine".into())
-    }
-
-    fn plan_json(&self) -> Value {
-        serde_json::json!({ "latency_ns": self.latency.as_nanos() as u64 })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn sha256_is_hex() {
@@ -156,5 +134,56 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn plan_changes_go_to_the_decider_and_the_trace() {
+        let (gpu, log) = device();
+        let before = gpu.plan();
+        let err = gpu.load_plan("[default]\nlatency = 12\n", "bad.toml");
+        assert!(err.is_err(), "{err:?}");
+        assert_eq!(gpu.plan(), before, "a refused plan changes nothing");
+        assert!(log.0.lock().unwrap().is_empty());
+
+        let source = "[default]\nlatency = \"3ms\"\n";
+        let plan = gpu.load_plan(source, "new.toml").unwrap();
+        assert_eq!(plan, gpu.plan());
+        let patched = gpu
+            .patch_plan(&serde_json::json!({"default": {"latency": "5ms"}}))
+            .unwrap();
+        assert_ne!(patched, plan);
+        let events = log.0.lock().unwrap().clone();
+        match &events[..] {
+            [
+                TraceEvent::PlanLoaded {
+                    origin,
+                    plan_sha256,
+                    ..
+                },
+                TraceEvent::PlanLoaded { origin: o2, .. },
+            ] => {
+                assert_eq!(origin, "new.toml");
+                assert_eq!(plan_sha256, &sha256_hex(source.as_bytes()));
+                assert_eq!(o2, "patch");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_calls_report_and_refuse_precisely() {
+        let (gpu, _) = device();
+        let err = gpu.release(ReleaseTarget::Fence { fence: 5 }).unwrap_err();
+        assert!(err.contains("fence 5"), "{err}");
+        assert_eq!(gpu.release(ReleaseTarget::All), Ok(0));
+        gpu.set_paused(true);
+        let s = DeviceControl::stats(&gpu);
+        assert_eq!(
+            (s["seed"].as_u64(), s["paused"].as_bool()),
+            (Some(99), Some(true))
+        );
+        assert_eq!(DeviceControl::accounting(&gpu), Accounting::default());
+        assert_eq!(gpu.flush_trace(), Ok(()));
+        assert_eq!(gpu.summary()["seed"], 99);
     }
 }

@@ -555,3 +555,52 @@ fn random_runs_keep_the_invariants() {
         assert!(r.stats.accounting_by_command().values().all(holds));
     }
 }
+
+/// Cost per fence as the number pending grows (run in release, see the
+/// `ignore` reason). Flat or logarithmic growth is what O(log n) promises.
+#[test]
+#[ignore = "measurement: cargo test --release -p fencelab-device --lib scheduling_cost -- --ignored --nocapture"]
+fn scheduling_cost_per_fence() {
+    use crate::fault::NoTrace;
+    for n in [10_000u64, 100_000, 1_000_000] {
+        let mut rng = ChaCha8Rng::seed_from_u64(n);
+        let mut s: Scheduler<u64> = Scheduler::new(Arc::new(Stats::new()), Arc::new(NoTrace));
+        let mut sink = Recorder::default();
+        let start = std::time::Instant::now();
+        let mut now = 0;
+        for id in 0..n {
+            now += 1_000;
+            s.submit(
+                now,
+                Submission {
+                    timeline: TimelineId {
+                        ctx: rng.random_range(0..16),
+                        ring: 0,
+                    },
+                    fence_id: id,
+                    command: SUBMIT,
+                    arrival_ns: now,
+                    work_ns: 0,
+                    // Up to 1 s: most of the run's fences are pending at once.
+                    decision: latency(rng.random_range(0..1_000)),
+                    response: 0x1100,
+                    errored: false,
+                    item: id,
+                },
+            );
+            if id % 64 == 0 {
+                s.advance(now, &mut sink);
+            }
+        }
+        while let Some(t) = s.next_event_at() {
+            s.advance(t, &mut sink);
+        }
+        let took = start.elapsed();
+        assert_eq!(sink.done.len() as u64, n);
+        println!(
+            "{n} fences: {:?} total, {} ns per fence",
+            took,
+            took.as_nanos() / u128::from(n)
+        );
+    }
+}
