@@ -593,7 +593,10 @@ mod tests {
             serde_json::from_str::<Value>(&ok.to_line()).unwrap(),
             ok.to_json()
         );
-        assert_eq!(err.to_json(), json!({"ok": false, "error": "no \"quotes\"\n"}));
+        assert_eq!(
+            err.to_json(),
+            json!({"ok": false, "error": "no \"quotes\"\n"})
+        );
         assert_eq!(Response::from_json(ok.to_json()), Ok(ok));
         assert_eq!(Response::from_json(err.to_json()), Ok(err));
         assert!(Response::from_json(json!({"ok": false})).is_err());
