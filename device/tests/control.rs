@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fencelab_device::control::protocol::MAX_LINE_BYTES;
+use fencelab_device::control::server::MAX_CONNECTIONS;
 use fencelab_device::control::{Client, ClientError, ControlServer, PlanSource, Request, Response};
 use fencelab_device::fault::{Accounting, DeviceControl, ReleaseTarget, TimelineId};
 use serde_json::{Value, json};
@@ -411,7 +412,7 @@ fn a_request_cut_off_by_a_disconnect_never_reaches_the_device() {
     let mut client = Client::connect(run.server.path()).unwrap();
     // Replies are in order per connection, but connections are concurrent:
     // wait (generously) for the hasty request to land.
-    for _ in 0..300 {
+    for _ in 0..3000 {
         if run.device.calls().contains(&Call::SetPaused(false)) {
             break;
         }
@@ -499,6 +500,41 @@ fn many_clients_at_once() {
     fences.sort_unstable();
     let expected: Vec<u64> = (100..100 + (CLIENTS * REQUESTS) as u64).collect();
     assert_eq!(fences, expected);
+}
+
+#[test]
+fn connections_beyond_the_limit_are_told_and_closed() {
+    let run = start("limit");
+    // Each connection has been served once, so it holds its slot.
+    let mut held: Vec<Raw> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut raw = Raw::connect(run.server.path());
+            assert_eq!(raw.ask(b"{\"cmd\":\"plan\"}")["ok"], true);
+            raw
+        })
+        .collect();
+    let mut extra = Raw::connect(run.server.path());
+    let reply = extra.reply().expect("a refusal");
+    assert!(
+        error_of(&reply).contains("too many control connections"),
+        "{reply}"
+    );
+    assert_eq!(extra.reply(), None);
+    // A slot frees when its connection ends.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..3000 {
+        let mut raw = Raw::connect(run.server.path());
+        raw.send(b"{\"cmd\":\"stats\"}\n");
+        match raw.reply() {
+            Some(reply) if reply["ok"] == true => {
+                again = Some(reply);
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(again.is_some(), "no slot came free");
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {
