@@ -53,14 +53,17 @@ fn fences_complete_no_earlier_than_due_and_lateness_is_small() {
     }
     let completions = rig.trace.completions();
     assert_eq!(completions.len(), 10);
-    let mut worst_engine = 0;
+    let mut late: Vec<u64> = Vec::new();
     for (fence, t, due, _) in &completions {
         let due = due.expect("planned");
         assert!(*t >= due, "fence {fence} completed at {t} before due {due}");
-        worst_engine = worst_engine.max(t - due);
+        late.push(t - due);
     }
+    late.sort_unstable();
+    let worst_engine = late[late.len() - 1];
     println!(
-        "latency {lat:?}: engine late by at most {} µs after due; guest saw the notify at most {:?} after kick + latency",
+        "latency {lat:?}: engine late after due by median {} µs, max {} µs; guest saw the notify at most {:?} after kick + latency",
+        late[late.len() / 2] / 1_000,
         worst_engine / 1_000,
         worst_guest
     );
