@@ -1,6 +1,9 @@
 //! The engine's [`Sink`] on the real device: lands a fence's `WRITE`s in
 //! guest memory, returns its descriptor to the control queue's used ring,
 //! and notifies the guest through the queue's call eventfd.
+//!
+//! A fence whose plan injects an error response still lands its writes:
+//! the error is in the response, the job's side effects are not undone.
 
 use std::sync::{Arc, Mutex, RwLock};
 
