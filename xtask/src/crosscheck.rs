@@ -31,9 +31,11 @@
 //!    equality either: the driver signals the fence normally whatever the
 //!    response type, so `D.errored` has no guest-side count to match.
 //!
-//! Findings (reported, not failures): premature signals; fences that never
-//! signaled because the device hung them as the plan asked (the upstream
-//! driver has no job timeout), which then excuse the guest's timeouts.
+//! Findings (reported, not failures): premature signals; error responses
+//! the guest saw as successful signals (`D.errored` beyond the guest's
+//! fence errors); fences that never signaled because the device hung them
+//! as the plan asked (the upstream driver has no job timeout), which then
+//! excuse the guest's timeouts.
 
 use crate::report::{Accounting, DeviceSummary, Finding, GuestResult};
 
@@ -118,6 +120,18 @@ pub fn check(guest: Option<&GuestResult>, device: &DeviceSummary) -> Verdict {
                 g.premature_signals,
                 g.write_checks,
                 d.one_line()
+            ),
+        });
+    }
+    let errors_unseen = d.errored.saturating_sub(g.fence_errors);
+    if errors_unseen > 0 {
+        v.findings.push(Finding {
+            kind: "error_signaled_as_success".into(),
+            count: errors_unseen,
+            fences: Vec::new(),
+            detail: format!(
+                "the device answered {} SUBMIT_3D fences with an error response; the guest saw {} fence errors",
+                d.errored, g.fence_errors
             ),
         });
     }
@@ -273,6 +287,27 @@ mod tests {
             ..Accounting::default()
         });
         assert!(check(Some(&g), &d).failures.is_empty());
+    }
+
+    #[test]
+    fn error_responses_signaled_as_success_are_findings() {
+        let d = device(Accounting {
+            submitted: 100,
+            completed: 100,
+            errored: 3,
+            ..Accounting::default()
+        });
+        let v = check(Some(&guest(100, 100)), &d);
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(v.findings.len(), 1);
+        assert_eq!(v.findings[0].kind, "error_signaled_as_success");
+        assert_eq!(v.findings[0].count, 3);
+
+        // A driver that reports the errors as fence errors has no finding.
+        let mut g = guest(100, 97);
+        g.fence_errors = 3;
+        let v = check(Some(&g), &d);
+        assert!(v.findings.is_empty(), "{:?}", v.findings);
     }
 
     #[test]

@@ -111,7 +111,8 @@ impl Accounting {
 /// a failure of the harness (`boot --fail-on-findings` makes it one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// `premature_signal` or `hung_fence_never_signaled`.
+    /// `premature_signal`, `error_signaled_as_success` or
+    /// `hung_fence_never_signaled`.
     pub kind: String,
     pub count: u64,
     /// The first few fences concerned (fence-hammer's fence numbers), when known.
