@@ -721,7 +721,8 @@ pub fn bind(path: &Path) -> anyhow::Result<Listener> {
                 path.display()
             );
         }
-        if is_listening(path) {
+        // Not probed by connecting: that would end a live backend's run.
+        if crate::socket_probe::is_listening(path) {
             anyhow::bail!(
                 "cannot bind vhost-user socket {}: another process is listening on it",
                 path.display()
@@ -734,33 +735,6 @@ pub fn bind(path: &Path) -> anyhow::Result<Listener> {
     Listener::new(path, false)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot bind vhost-user socket {}", path.display()))
-}
-
-/// True when some process has a listening unix socket bound to `path`.
-///
-/// Read from `/proc/net/unix` rather than by connecting: a probe connection
-/// would be accepted by a single-connection backend (like this one) as its
-/// frontend and end its run.
-fn is_listening(path: &Path) -> bool {
-    const SO_ACCEPTCON: u32 = 1 << 16;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let mut names = vec![path.to_path_buf()];
-    if let Ok(abs) = std::path::absolute(path) {
-        names.push(abs);
-    }
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let listening = fields
-            .get(3)
-            .and_then(|f| u32::from_str_radix(f, 16).ok())
-            .is_some_and(|flags| flags & SO_ACCEPTCON != 0);
-        listening
-            && fields
-                .get(7)
-                .is_some_and(|p| names.iter().any(|n| n.as_os_str() == *p))
-    })
 }
 
 /// Serves one frontend connection on `listener` until it disconnects.

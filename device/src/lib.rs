@@ -13,6 +13,7 @@
 //! - [`decide`]: the seeded decider that applies a plan to each fence.
 //! - [`trace`]: the JSON-lines trace, and replaying a run from it.
 //! - [`control`]: the control socket (server, protocol, `ctl` client).
+//! - `socket_probe`: whether a process listens on a unix socket path.
 
 pub mod backend;
 pub mod control;
@@ -23,5 +24,6 @@ pub mod fault;
 pub mod gpu;
 pub mod plan;
 pub mod protocol;
+mod socket_probe;
 pub mod stats;
 pub mod trace;

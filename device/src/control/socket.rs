@@ -132,29 +132,7 @@ fn remove_if_stale(path: &Path) -> anyhow::Result<()> {
 /// relative path from another directory is missed there; a connect probe
 /// covers that case (refused = stale).
 fn is_live(path: &Path) -> bool {
-    listed_as_listening(path) || UnixStream::connect(path).is_ok()
-}
-
-fn listed_as_listening(path: &Path) -> bool {
-    const SO_ACCEPTCON: u32 = 1 << 16;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let mut names = vec![path.to_path_buf()];
-    if let Ok(abs) = std::path::absolute(path) {
-        names.push(abs);
-    }
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let listening = fields
-            .get(3)
-            .and_then(|f| u32::from_str_radix(f, 16).ok())
-            .is_some_and(|flags| flags & SO_ACCEPTCON != 0);
-        listening
-            && fields
-                .get(7)
-                .is_some_and(|p| names.iter().any(|n| n.as_os_str() == *p))
-    })
+    crate::socket_probe::is_listening(path) || UnixStream::connect(path).is_ok()
 }
 
 #[cfg(test)]
