@@ -268,19 +268,10 @@ mod tests {
 
     use super::*;
     use crate::protocol::RESP_ERR_UNSPEC;
+    use crate::testing::fence_on;
 
     fn plan(source: &str) -> Plan {
         Plan::parse(source, "test.toml").unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn fence_on(ctx: u32, fence_id: u64, index: u64) -> FenceInfo {
-        FenceInfo {
-            timeline: TimelineId { ctx, ring: 0 },
-            fence_id,
-            index,
-            command: "SUBMIT_3D",
-            work_ns: 0,
-        }
     }
 
     /// `n` fences on one timeline, fence ids from 1.

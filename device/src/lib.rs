@@ -26,4 +26,6 @@ pub mod plan;
 pub mod protocol;
 mod socket_probe;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 pub mod trace;

@@ -2,6 +2,7 @@
 //! and replaying a run's decisions from it.
 //!
 //! - [`JsonLinesTrace`] writes the trace (a [`Tracer`]);
+//! - [`MemoryTrace`] keeps the events in memory instead (tests, tools);
 //! - [`read_trace`] reads it back, naming the line of any bad event;
 //! - [`ReplayDecider`] answers each fence with the decision the trace
 //!   recorded for it, so `--replay TRACE` repeats a run's faults exactly
@@ -97,6 +98,32 @@ impl Drop for JsonLinesTrace {
         if let Err(e) = self.out().flush() {
             tracing::error!("cannot flush the trace {}: {e}", self.path.display());
         }
+    }
+}
+
+/// Keeps every event in memory, in the order recorded: a [`Tracer`] for
+/// tests and tools that look at a run's events without a file.
+#[derive(Debug, Default)]
+pub struct MemoryTrace(Mutex<Vec<TraceEvent>>);
+
+impl MemoryTrace {
+    /// The events recorded so far.
+    pub fn events(&self) -> Vec<TraceEvent> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<TraceEvent>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Tracer for MemoryTrace {
+    fn record(&self, event: TraceEvent) {
+        self.lock().push(event);
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -321,6 +348,7 @@ mod tests {
 
     use super::*;
     use crate::fault::{DeadlineOutcome, NotifyKind};
+    use crate::testing::fence_on;
 
     /// A fresh scratch file in the system's temporary folder.
     fn scratch(name: &str) -> PathBuf {
@@ -358,15 +386,9 @@ error = "ERR_INVALID_PARAMETER"
     /// Two interleaved timelines, as a guest with two contexts would send.
     fn workload() -> Vec<FenceInfo> {
         (0..1500u64)
-            .map(|i| FenceInfo {
-                timeline: TimelineId {
-                    ctx: 1 + (i % 3 == 0) as u32,
-                    ring: 0,
-                },
-                fence_id: i + 1,
-                index: if i % 3 == 0 { i / 3 } else { i - i / 3 - 1 },
-                command: "SUBMIT_3D",
-                work_ns: 0,
+            .map(|i| {
+                let index = if i % 3 == 0 { i / 3 } else { i - i / 3 - 1 };
+                fence_on(1 + u32::from(i % 3 == 0), i + 1, index)
             })
             .collect()
     }

@@ -51,7 +51,7 @@ fn fences_complete_no_earlier_than_due_and_lateness_is_small() {
         assert!(after >= lat, "fence {fence} seen after {after:?} < {lat:?}");
         worst_guest = worst_guest.max(after - lat);
     }
-    let completions = rig.trace.completions();
+    let completions = completions(&rig.trace);
     assert_eq!(completions.len(), 10);
     let mut late: Vec<u64> = Vec::new();
     for (fence, t, due, _) in &completions {
@@ -363,7 +363,7 @@ fn an_injected_error_is_the_response_the_guest_reads() {
     rig.wait_completions(2);
     let a = rig.gpu.accounting();
     assert_eq!((a.completed, a.errored), (2, 1));
-    let responses: Vec<(u64, u32)> = rig.trace.completions().iter().map(|c| (c.0, c.3)).collect();
+    let responses: Vec<(u64, u32)> = completions(&rig.trace).iter().map(|c| (c.0, c.3)).collect();
     assert_eq!(
         responses,
         vec![(30, RESP_ERR_OUT_OF_MEMORY), (31, RESP_OK_NODATA)]

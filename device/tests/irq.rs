@@ -31,8 +31,7 @@ fn notifies(rig: &Rig) -> Vec<(NotifyKind, u32, u64)> {
 }
 
 fn completed_at(rig: &Rig, fence: u64) -> u64 {
-    rig.trace
-        .completions()
+    completions(&rig.trace)
         .iter()
         .find(|c| c.0 == fence)
         .map(|c| c.1)

@@ -94,28 +94,17 @@ impl DeviceControl for FencelabGpu {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::*;
     use crate::backend::DeviceConfig;
     use crate::decide::PlanDecider;
-    use crate::fault::Tracer;
     use crate::plan::Plan;
     use crate::stats::Stats;
+    use crate::trace::MemoryTrace;
 
-    #[derive(Default)]
-    struct Log(Mutex<Vec<TraceEvent>>);
-    impl Tracer for Log {
-        fn record(&self, event: TraceEvent) {
-            self.0.lock().unwrap().push(event);
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn device() -> (FencelabGpu, Arc<Log>) {
-        let log = Arc::new(Log::default());
+    fn device() -> (FencelabGpu, Arc<MemoryTrace>) {
+        let log = Arc::new(MemoryTrace::default());
         let gpu = FencelabGpu::new(DeviceConfig {
             decider: Box::new(PlanDecider::new(
                 Plan::fixed_latency(std::time::Duration::from_millis(1)),
@@ -143,7 +132,7 @@ mod tests {
         let err = gpu.load_plan("[default]\nlatency = 12\n", "bad.toml");
         assert!(err.is_err(), "{err:?}");
         assert_eq!(gpu.plan(), before, "a refused plan changes nothing");
-        assert!(log.0.lock().unwrap().is_empty());
+        assert!(log.events().is_empty());
 
         let source = "[default]\nlatency = \"3ms\"\n";
         let plan = gpu.load_plan(source, "new.toml").unwrap();
@@ -152,7 +141,7 @@ mod tests {
             .patch_plan(&serde_json::json!({"default": {"latency": "5ms"}}))
             .unwrap();
         assert_ne!(patched, plan);
-        let events = log.0.lock().unwrap().clone();
+        let events = log.events();
         match &events[..] {
             [
                 TraceEvent::PlanLoaded {

@@ -239,7 +239,7 @@ impl Irq {
 mod tests {
     use super::*;
     use crate::fault::TimelineId;
-    use std::sync::Mutex;
+    use crate::trace::MemoryTrace;
 
     #[derive(Default)]
     struct Calls {
@@ -263,35 +263,22 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Log(Mutex<Vec<TraceEvent>>);
-    impl Tracer for Log {
-        fn record(&self, event: TraceEvent) {
-            self.0.lock().unwrap().push(event);
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     const TAG: FenceTag = FenceTag {
         timeline: TimelineId { ctx: 1, ring: 0 },
         command: "SUBMIT_3D",
     };
 
-    fn irq() -> (Irq, Arc<Log>, Arc<Stats>) {
-        let log = Arc::new(Log::default());
+    fn irq() -> (Irq, Arc<MemoryTrace>, Arc<Stats>) {
+        let log = Arc::new(MemoryTrace::default());
         let stats = Arc::new(Stats::new());
         (Irq::new(stats.clone(), log.clone()), log, stats)
     }
 
-    fn notifies(log: &Log) -> Vec<(u64, NotifyKind, u32)> {
-        log.0
-            .lock()
-            .unwrap()
-            .iter()
+    fn notifies(log: &MemoryTrace) -> Vec<(u64, NotifyKind, u32)> {
+        log.events()
+            .into_iter()
             .filter_map(|e| match e {
-                TraceEvent::Notify { t_ns, kind, covers } => Some((*t_ns, *kind, *covers)),
+                TraceEvent::Notify { t_ns, kind, covers } => Some((t_ns, kind, covers)),
                 _ => None,
             })
             .collect()
@@ -351,9 +338,7 @@ mod tests {
         assert_eq!(notifies(&log)[1], (1_010, NotifyKind::Rescue, 2));
         assert_eq!(stats.accounting().irq_dropped, 3);
         let dropped = log
-            .0
-            .lock()
-            .unwrap()
+            .events()
             .iter()
             .filter(|e| matches!(e, TraceEvent::IrqDropped { fences: 1, .. }))
             .count();

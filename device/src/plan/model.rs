@@ -93,20 +93,11 @@ impl Match {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fence(ctx: u32, fence_id: u64, index: u64) -> FenceInfo {
-        FenceInfo {
-            timeline: TimelineId { ctx, ring: 0 },
-            fence_id,
-            index,
-            command: "SUBMIT_3D",
-            work_ns: 0,
-        }
-    }
+    use crate::testing::fence_on;
 
     #[test]
     fn empty_match_matches_everything() {
-        assert!(Match::default().matches_fixed(&fence(0, 1, 0)));
+        assert!(Match::default().matches_fixed(&fence_on(0, 1, 0)));
     }
 
     #[test]
@@ -115,15 +106,15 @@ mod tests {
             ctx: Some(vec![1, 2]),
             ..Match::default()
         };
-        assert!(m.matches_fixed(&fence(2, 1, 0)));
-        assert!(!m.matches_fixed(&fence(3, 1, 0)));
+        assert!(m.matches_fixed(&fence_on(2, 1, 0)));
+        assert!(!m.matches_fixed(&fence_on(3, 1, 0)));
 
         let m = Match {
             timeline: Some(vec![TimelineId { ctx: 1, ring: 1 }]),
             ..Match::default()
         };
-        assert!(!m.matches_fixed(&fence(1, 1, 0)));
-        let mut f = fence(1, 1, 0);
+        assert!(!m.matches_fixed(&fence_on(1, 1, 0)));
+        let mut f = fence_on(1, 1, 0);
         f.timeline.ring = 1;
         assert!(m.matches_fixed(&f));
 
@@ -132,7 +123,7 @@ mod tests {
             ..Match::default()
         };
         let hits: Vec<u64> = (0..300)
-            .filter(|&id| m.matches_fixed(&fence(1, id, 0)))
+            .filter(|&id| m.matches_fixed(&fence_on(1, id, 0)))
             .collect();
         assert_eq!(hits, (100..=200).collect::<Vec<_>>());
 
@@ -141,7 +132,7 @@ mod tests {
             ..Match::default()
         };
         let hits: Vec<u64> = (0..10)
-            .filter(|&i| m.matches_fixed(&fence(1, 0, i)))
+            .filter(|&i| m.matches_fixed(&fence_on(1, 0, i)))
             .collect();
         assert_eq!(hits, vec![5, 6]);
 
@@ -150,7 +141,7 @@ mod tests {
             ..Match::default()
         };
         let hits: Vec<u64> = (0..35)
-            .filter(|&i| m.matches_fixed(&fence(1, 0, i)))
+            .filter(|&i| m.matches_fixed(&fence_on(1, 0, i)))
             .collect();
         assert_eq!(hits, vec![9, 19, 29]);
 
@@ -158,7 +149,7 @@ mod tests {
             command: Some(vec!["RESOURCE_FLUSH".into()]),
             ..Match::default()
         };
-        assert!(!m.matches_fixed(&fence(1, 0, 0)));
+        assert!(!m.matches_fixed(&fence_on(1, 0, 0)));
     }
 
     #[test]

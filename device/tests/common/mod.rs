@@ -9,14 +9,15 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use fencelab_device::backend::{self, DeviceConfig, FencelabGpu};
-use fencelab_device::fault::{Decide, Decision, FenceInfo, TraceEvent, Tracer};
+use fencelab_device::fault::{Decide, Decision, FenceInfo, TraceEvent};
 use fencelab_device::protocol::*;
 use fencelab_device::stats::Stats;
+pub use fencelab_device::trace::MemoryTrace;
 use fencelab_stream::Op;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -239,40 +240,22 @@ pub fn latency(d: Duration) -> Decision {
     }
 }
 
-/// Keeps every trace event.
-#[derive(Default)]
-pub struct Recorder(Mutex<Vec<TraceEvent>>);
-
-impl Tracer for Recorder {
-    fn record(&self, event: TraceEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Recorder {
-    pub fn events(&self) -> Vec<TraceEvent> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// (fence, t_ns, due_ns, response) of every completion, in order.
-    pub fn completions(&self) -> Vec<(u64, u64, Option<u64>, u32)> {
-        self.events()
-            .into_iter()
-            .filter_map(|e| match e {
-                TraceEvent::Complete {
-                    fence,
-                    t_ns,
-                    due_ns,
-                    response,
-                    ..
-                } => Some((fence, t_ns, due_ns, response)),
-                _ => None,
-            })
-            .collect()
-    }
+/// (fence, t_ns, due_ns, response) of every completion in `trace`, in order.
+pub fn completions(trace: &MemoryTrace) -> Vec<(u64, u64, Option<u64>, u32)> {
+    trace
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            TraceEvent::Complete {
+                fence,
+                t_ns,
+                due_ns,
+                response,
+                ..
+            } => Some((fence, t_ns, due_ns, response)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A running backend with one connected frontend and its control queue
@@ -280,7 +263,7 @@ impl Recorder {
 pub struct Rig {
     pub gpu: Arc<FencelabGpu>,
     pub stats: Arc<Stats>,
-    pub trace: Arc<Recorder>,
+    pub trace: Arc<MemoryTrace>,
     pub fe: Frontend,
     pub drv: Driver,
     pub kick: EventFd,
@@ -298,7 +281,7 @@ impl Rig {
     pub fn start(name: &str, decider: impl Decide + 'static, event_idx: bool) -> Rig {
         let path = socket_path(name);
         let stats = Arc::new(Stats::new());
-        let trace = Arc::new(Recorder::default());
+        let trace = Arc::new(MemoryTrace::default());
         let gpu = Arc::new(
             FencelabGpu::new(DeviceConfig {
                 decider: Box::new(decider),

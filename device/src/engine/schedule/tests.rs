@@ -1,11 +1,10 @@
 //! The scheduling core against a fake clock and a recording sink.
 
-use std::sync::Mutex;
-
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::trace::MemoryTrace;
 
 const SUBMIT: &str = "SUBMIT_3D";
 const MS: u64 = 1_000_000;
@@ -49,35 +48,17 @@ impl Recorder {
     }
 }
 
-#[derive(Default)]
-struct Log(Mutex<Vec<TraceEvent>>);
-
-impl Tracer for Log {
-    fn record(&self, event: TraceEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    fn events(&self) -> Vec<TraceEvent> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
 struct Rig {
     s: Scheduler<u64>,
     sink: Recorder,
     stats: Arc<Stats>,
-    log: Arc<Log>,
+    log: Arc<MemoryTrace>,
 }
 
 impl Rig {
     fn new() -> Self {
         let stats = Arc::new(Stats::new());
-        let log = Arc::new(Log::default());
+        let log = Arc::new(MemoryTrace::default());
         Rig {
             s: Scheduler::new(stats.clone(), log.clone()),
             sink: Recorder::default(),
