@@ -2,43 +2,20 @@
 //! checks, the control socket of a running device driven with `ctl`, the
 //! seed, the trace's start event, and the summary at exit.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::assert_summary_keys;
+use common::process::{BINARY, Scratch, ctl};
 use serde_json::{Value, json};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_fencelab-device");
 
 fn plans() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("plans")
-}
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("fl-cli-{}-{n}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A running device; killed if the test ends early.
@@ -90,7 +67,7 @@ impl Device {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        ctl_at(&self.control, args)
+        ctl(&self.control, args)
     }
 
     /// `ctl` that must succeed; its reply.
@@ -123,16 +100,6 @@ impl Drop for Device {
             let _ = child.wait();
         }
     }
-}
-
-fn ctl_at(control: &Path, args: &[&str]) -> Output {
-    Command::new(BINARY)
-        .arg("ctl")
-        .arg("--socket")
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// The JSON of the `fencelab-device: summary {json}` line.
@@ -196,21 +163,7 @@ fn a_running_device_is_driven_over_its_control_socket() {
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("fencelab-device: seed 5\n"), "{stderr}");
     let summary = summary_of(&stderr);
-    for key in [
-        "commands",
-        "commands_by_type",
-        "fences_submitted",
-        "fences_completed",
-        "error_responses",
-        "dropped",
-        "fences_pending",
-        "seed",
-        "accounting",
-        "accounting_by_command",
-        "timelines",
-    ] {
-        assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
-    }
+    assert_summary_keys(&summary);
     assert_eq!(summary["seed"], 5);
     assert!(
         !dir.path("gpu.sock.ctl").exists(),

@@ -2,15 +2,17 @@
 //! request kind, each class of bad request, framing limits, permissions,
 //! concurrency, and the `fencelab-device ctl` client's exit codes.
 
+mod common;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::{BINARY, Scratch, ctl};
 use fencelab_device::control::protocol::MAX_LINE_BYTES;
 use fencelab_device::control::server::MAX_CONNECTIONS;
 use fencelab_device::control::{Client, ClientError, ControlServer, PlanSource, Request, Response};
@@ -98,30 +100,6 @@ impl DeviceControl for FakeDevice {
     fn flush_trace(&self) -> Result<(), String> {
         self.record(Call::FlushTrace);
         Ok(())
-    }
-}
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("fl-ctl-{}-{n}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -304,7 +282,7 @@ fn a_plan_file_the_device_cannot_read_is_refused_before_the_device_sees_it() {
     std::fs::write(&binary, b"seed = \xff\n").unwrap();
     let request = json!({"cmd": "load_plan", "path": binary}).to_string();
     assert!(error_of(&raw.ask(request.as_bytes())).contains("not UTF-8"));
-    let request = json!({"cmd": "load_plan", "path": run.scratch.0}).to_string();
+    let request = json!({"cmd": "load_plan", "path": run.scratch.dir()}).to_string();
     assert!(error_of(&raw.ask(request.as_bytes())).contains("not a regular file"));
     assert_eq!(run.device.calls(), []);
 }
@@ -537,16 +515,6 @@ fn connections_beyond_the_limit_are_told_and_closed() {
     assert!(again.is_some(), "no slot came free");
 }
 
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fencelab-device"))
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn stdout_json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
@@ -621,8 +589,8 @@ fn ctl_exits_0_on_ok_1_on_refusal_2_when_unreachable() {
 fn ctl_sends_load_plan_paths_absolute() {
     let run = start("ctl-path");
     std::fs::write(run.scratch.path("p.toml"), "seed = 3\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_fencelab-device"))
-        .current_dir(&run.scratch.0)
+    let output = Command::new(BINARY)
+        .current_dir(run.scratch.dir())
         .args(["ctl", "--socket"])
         .arg(run.server.path())
         .args(["load-plan", "p.toml"])

@@ -441,21 +441,7 @@ fn accounting_adds_up_after_a_mixed_run() {
     assert_eq!((total.deadline_hints, total.deadline_boosts), (2, 0));
 
     let s = rig.gpu.summary();
-    for key in [
-        "commands",
-        "commands_by_type",
-        "fences_submitted",
-        "fences_completed",
-        "error_responses",
-        "dropped",
-        "fences_pending",
-        "seed",
-        "accounting",
-        "accounting_by_command",
-        "timelines",
-    ] {
-        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
-    }
+    assert_summary_keys(&s);
     assert_eq!(s["seed"], 42);
     assert_eq!(s["fences_pending"], 2);
     let t1 = &s["timelines"]["1.0"];

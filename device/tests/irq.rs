@@ -30,6 +30,21 @@ fn notifies(rig: &Rig) -> Vec<(NotifyKind, u32, u64)> {
         .collect()
 }
 
+/// Waits until the engine has sent `n` notifies of `kind` (of any kind
+/// when `None`), or more.
+fn wait_notifies(rig: &Rig, kind: Option<NotifyKind>, n: usize) {
+    let what = format!("{n} notifies of kind {kind:?}");
+    rig.wait_trace(&what, |ev| {
+        ev.iter()
+            .filter(|e| match e {
+                TraceEvent::Notify { kind: k, .. } => kind.is_none_or(|kind| *k == kind),
+                _ => false,
+            })
+            .count()
+            >= n
+    });
+}
+
 fn completed_at(rig: &Rig, fence: u64) -> u64 {
     completions(&rig.trace)
         .iter()
@@ -55,9 +70,7 @@ fn a_dropped_interrupt_advances_the_used_ring_without_a_call() {
     rig.post_fenced(1, None, 2, &[]);
     rig.kick();
     assert_eq!(rig.wait_fences(1), vec![2]);
-    rig.wait_trace("a notify", |ev| {
-        ev.iter().any(|e| matches!(e, TraceEvent::Notify { .. }))
-    });
+    wait_notifies(&rig, None, 1);
     assert_eq!(rig.calls(), 1);
     assert_eq!(notifies(&rig)[0].1, 2, "it covers both completions");
     rig.finish();
@@ -71,17 +84,7 @@ fn the_rescue_notify_comes_when_nothing_else_notified() {
     rig.post_fenced(1, None, 1, &[]);
     rig.kick();
     assert_eq!(rig.wait_fences(1), vec![1]);
-    rig.wait_trace("the rescue", |ev| {
-        ev.iter().any(|e| {
-            matches!(
-                e,
-                TraceEvent::Notify {
-                    kind: NotifyKind::Rescue,
-                    ..
-                }
-            )
-        })
-    });
+    wait_notifies(&rig, Some(NotifyKind::Rescue), 1);
     let (_, covers, t) = notifies(&rig)[0];
     assert_eq!(covers, 1);
     assert!(
@@ -99,20 +102,7 @@ fn spurious_notifies_follow_the_real_one() {
     rig.post_fenced(1, None, 1, &[]);
     rig.kick();
     assert_eq!(rig.wait_fences(1), vec![1]);
-    rig.wait_trace("two spurious notifies", |ev| {
-        ev.iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    TraceEvent::Notify {
-                        kind: NotifyKind::Spurious,
-                        ..
-                    }
-                )
-            })
-            .count()
-            == 2
-    });
+    wait_notifies(&rig, Some(NotifyKind::Spurious), 2);
     assert_eq!(rig.calls(), 3, "the real notify and two with nothing new");
     let kinds: Vec<(NotifyKind, u32)> = notifies(&rig).iter().map(|n| (n.0, n.1)).collect();
     assert_eq!(
@@ -136,20 +126,7 @@ fn spurious_notifies_bypass_event_idx_suppression() {
     rig.post_fenced(1, None, 1, &[]);
     rig.kick();
     assert_eq!(rig.wait_fences(1), vec![1]);
-    rig.wait_trace("three spurious notifies", |ev| {
-        ev.iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    TraceEvent::Notify {
-                        kind: NotifyKind::Spurious,
-                        ..
-                    }
-                )
-            })
-            .count()
-            == 3
-    });
+    wait_notifies(&rig, Some(NotifyKind::Spurious), 3);
     assert_eq!(rig.calls(), 3, "the real notify was suppressed, not these");
     rig.finish();
 }
@@ -170,9 +147,7 @@ fn coalescing_merges_completions_into_one_call() {
     }
     rig.kick();
     assert_eq!(rig.wait_fences(5), vec![1, 2, 3, 4, 5]);
-    rig.wait_trace("the coalesced notify", |ev| {
-        ev.iter().any(|e| matches!(e, TraceEvent::Notify { .. }))
-    });
+    wait_notifies(&rig, None, 1);
     assert_eq!(
         rig.calls(),
         1,
@@ -191,9 +166,7 @@ fn a_delayed_notify_comes_delay_after_the_used_ring_update() {
     rig.post_fenced(1, None, 1, &[]);
     rig.kick();
     assert_eq!(rig.wait_fences(1), vec![1]);
-    rig.wait_trace("the delayed notify", |ev| {
-        ev.iter().any(|e| matches!(e, TraceEvent::Notify { .. }))
-    });
+    wait_notifies(&rig, None, 1);
     let n = notifies(&rig);
     assert_eq!((n[0].0, n[0].1), (NotifyKind::Delayed, 1));
     assert!(n[0].2 - completed_at(&rig, 1) >= 150 * MS);

@@ -9,18 +9,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fencelab_device::backend::{self, DeviceConfig, FencelabGpu};
+use fencelab_device::backend::{self, DeviceConfig};
 use fencelab_device::decide::PlanDecider;
 use fencelab_device::fault::NoTrace;
 use fencelab_device::plan::Plan;
 use fencelab_device::protocol::*;
 use fencelab_device::stats::Stats;
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 #[test]
@@ -28,63 +25,29 @@ fn serves_a_frontend_like_qemu() {
     let path = socket_path("serve");
     let stats = Arc::new(Stats::new());
     let latency = Duration::from_millis(20);
-    let gpu = Arc::new(
-        FencelabGpu::new(DeviceConfig {
+    let (_gpu, server) = spawn_backend(
+        &path,
+        DeviceConfig {
             decider: Box::new(PlanDecider::new(Plan::fixed_latency(latency), 7)),
             tracer: Arc::new(NoTrace),
             stats: stats.clone(),
-        })
-        .unwrap(),
+        },
     );
-    let mut listener = backend::bind(&path).unwrap();
-    let server = {
-        let gpu = gpu.clone();
-        thread::spawn(move || backend::serve(&mut listener, gpu))
-    };
-
-    let mut fe = Frontend::connect(&path, 2).unwrap();
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let features = fe.get_features().unwrap();
-    assert_ne!(features & (1 << VIRTIO_GPU_F_VIRGL), 0);
-    assert_ne!(features & (1 << VIRTIO_GPU_F_EDID), 0);
     // Like a driver without EVENT_IDX: every used entry is signalled.
-    fe.set_features(features & !(1 << 29)).unwrap();
-    let proto = fe.get_protocol_features().unwrap();
-    assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
-    fe.set_protocol_features(proto).unwrap();
-    fe.set_owner().unwrap();
+    let (mut fe, offered) = connect(&path, false);
+    assert_ne!(offered & (1 << VIRTIO_GPU_F_VIRGL), 0);
+    assert_ne!(offered & (1 << VIRTIO_GPU_F_EDID), 0);
     let (_, cfg) = fe
         .get_config(0, 16, VhostUserConfigFlags::empty(), &[0u8; 16])
         .unwrap();
     let cfg: GpuConfig = read_struct(&cfg).unwrap();
     assert_eq!(cfg.num_capsets, 0);
 
-    let mem = memfd_memory();
-    let region = mem.find_region(GuestAddress(GPA)).unwrap();
-    let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-        .unwrap();
-
+    let mem = share_memory(&mut fe);
     let mut drv = Driver::new(mem.clone());
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(0).unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + (DESC - GPA),
-            used_ring_addr: host + (USED - GPA),
-            avail_ring_addr: host + (AVAIL - GPA),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
+    configure_vring(&mut fe, &mem, &kick, &call);
 
     // The startup race: a request posted and kicked before the ring is
     // enabled must be served once it is.

@@ -5,10 +5,12 @@
 
 #![allow(dead_code)] // each test file uses part of the harness
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -186,6 +188,29 @@ pub fn submit(hdr: CtrlHdr, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The keys of the device's summary JSON (stderr at exit, `gpu.summary()`),
+/// old and new: xtask reads them.
+pub const SUMMARY_KEYS: [&str; 11] = [
+    "commands",
+    "commands_by_type",
+    "fences_submitted",
+    "fences_completed",
+    "error_responses",
+    "dropped",
+    "fences_pending",
+    "seed",
+    "accounting",
+    "accounting_by_command",
+    "timelines",
+];
+
+/// Asserts `summary` has every one of [`SUMMARY_KEYS`].
+pub fn assert_summary_keys(summary: &serde_json::Value) {
+    for key in SUMMARY_KEYS {
+        assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
+    }
+}
+
 /// A decider driven by a closure, with fixed boost and rescue.
 pub struct Script {
     decide: Box<dyn FnMut(&FenceInfo) -> Decision + Send>,
@@ -258,6 +283,75 @@ pub fn completions(trace: &MemoryTrace) -> Vec<(u64, u64, Option<u64>, u32)> {
         .collect()
 }
 
+/// Binds `path` and serves one frontend on it from a new thread, with a
+/// backend made from `config`.
+pub fn spawn_backend(
+    path: &Path,
+    config: DeviceConfig,
+) -> (Arc<FencelabGpu>, JoinHandle<anyhow::Result<()>>) {
+    let gpu = Arc::new(FencelabGpu::new(config).unwrap());
+    let mut listener = backend::bind(path).unwrap();
+    let server = {
+        let gpu = gpu.clone();
+        thread::spawn(move || backend::serve(&mut listener, gpu))
+    };
+    (gpu, server)
+}
+
+/// Connects to the backend at `path` and negotiates as QEMU does: every
+/// offered feature (EVENT_IDX only when `event_idx`), the protocol features
+/// (CONFIG must be among them), then ownership. Returns the frontend and
+/// the features the backend offered.
+pub fn connect(path: &Path, event_idx: bool) -> (Frontend, u64) {
+    let mut fe = Frontend::connect(path, 2).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let offered = fe.get_features().unwrap();
+    let features = if event_idx {
+        offered
+    } else {
+        offered & !(1 << VIRTIO_RING_F_EVENT_IDX)
+    };
+    fe.set_features(features).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
+    fe.set_protocol_features(proto).unwrap();
+    fe.set_owner().unwrap();
+    (fe, offered)
+}
+
+/// Fresh guest memory (a memfd) handed to the backend as its memory table.
+pub fn share_memory(fe: &mut Frontend) -> GuestMemoryMmap {
+    let mem = memfd_memory();
+    let region = mem.find_region(GuestAddress(GPA)).unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
+        .unwrap();
+    mem
+}
+
+/// Sets up the control vring in `mem` (size, base, ring addresses, kick
+/// and call eventfds) without enabling it, so a test can post before the
+/// ring is enabled.
+pub fn configure_vring(fe: &mut Frontend, mem: &GuestMemoryMmap, kick: &EventFd, call: &EventFd) {
+    let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host + (DESC - GPA),
+            used_ring_addr: host + (USED - GPA),
+            avail_ring_addr: host + (AVAIL - GPA),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+}
+
 /// A running backend with one connected frontend and its control queue
 /// enabled.
 pub struct Rig {
@@ -282,58 +376,19 @@ impl Rig {
         let path = socket_path(name);
         let stats = Arc::new(Stats::new());
         let trace = Arc::new(MemoryTrace::default());
-        let gpu = Arc::new(
-            FencelabGpu::new(DeviceConfig {
+        let (gpu, server) = spawn_backend(
+            &path,
+            DeviceConfig {
                 decider: Box::new(decider),
                 tracer: trace.clone(),
                 stats: stats.clone(),
-            })
-            .unwrap(),
+            },
         );
-        let mut listener = backend::bind(&path).unwrap();
-        let server = {
-            let gpu = gpu.clone();
-            thread::spawn(move || backend::serve(&mut listener, gpu))
-        };
-
-        let mut fe = Frontend::connect(&path, 2).unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let features = fe.get_features().unwrap();
-        let features = if event_idx {
-            features
-        } else {
-            features & !(1 << VIRTIO_RING_F_EVENT_IDX)
-        };
-        fe.set_features(features).unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        assert!(proto.contains(VhostUserProtocolFeatures::CONFIG));
-        fe.set_protocol_features(proto).unwrap();
-        fe.set_owner().unwrap();
-
-        let mem = memfd_memory();
-        let region = mem.find_region(GuestAddress(GPA)).unwrap();
-        let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-            .unwrap();
+        let (mut fe, _) = connect(&path, event_idx);
+        let mem = share_memory(&mut fe);
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host + (DESC - GPA),
-                used_ring_addr: host + (USED - GPA),
-                avail_ring_addr: host + (AVAIL - GPA),
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
+        configure_vring(&mut fe, &mem, &kick, &call);
         fe.set_vring_enable(0, true).unwrap();
 
         let mut rig = Rig {
