@@ -63,8 +63,9 @@ struct Args {
     /// The fault plan (TOML; see device/plans/README.md).
     #[arg(long, value_name = "FILE")]
     plan: Option<PathBuf>,
-    /// Seed of every random decision (default: the plan's `seed`, else the
-    /// replayed trace's, else random; the seed used is printed at start).
+    /// Seed of every random decision (default: the plan's `seed`, else
+    /// random; the seed used is printed at start). With --replay the run
+    /// keeps the trace's seed and this seeds only fences beyond the trace.
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
     /// Repeat the decisions recorded in this trace; fences it has no
@@ -162,13 +163,21 @@ fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
 /// starts.
 struct Setup {
     plan: Plan,
+    /// The run's seed: what is printed, traced in `Start`, and shown by
+    /// `stats` and the summary (`Decide::seed`).
     seed: u64,
+    /// Under `--replay`: the trace replayed and the seed of the plan that
+    /// decides fences the trace has no decision for.
+    replay: Option<(PathBuf, u64)>,
     decider: Box<dyn Decide>,
 }
 
-/// Loads the plan (and the replay trace) and chooses the seed: `--seed`,
-/// else the `--plan`'s, else the replayed trace's, else the plan's (from
-/// `--latency`: none), else random.
+/// Loads the plan (and the replay trace) and chooses the seeds.
+///
+/// Without `--replay` the run's seed is `--seed`, else the `--plan`'s, else
+/// random. A replay's seed is the one its trace recorded; `--seed` (else
+/// the `--plan`'s seed, else the trace's) seeds only the fallback plan that
+/// decides fences beyond the trace.
 fn resolve(args: &Args) -> anyhow::Result<Setup> {
     let replay = match &args.replay {
         Some(path) => Some(
@@ -194,18 +203,22 @@ fn resolve(args: &Args) -> anyhow::Result<Setup> {
     // recorded run may have been started with --seed.
     let plan_seed = args.plan.as_ref().and(plan.seed());
     let recorded_seed = recorded.map(|(seed, _, _)| seed);
-    let seed = choose_seed(args.seed.or(plan_seed).or(recorded_seed), &plan);
-    let fallback = PlanDecider::new(plan.clone(), seed);
-    let decider: Box<dyn Decide> = match (replay, &args.replay) {
-        (Some(events), Some(path)) => Box::new(
-            ReplayDecider::new(events, &path.display().to_string(), fallback)
-                .map_err(|e| anyhow::anyhow!("cannot replay: {e}"))?,
+    let fallback_seed = choose_seed(args.seed.or(plan_seed).or(recorded_seed), &plan);
+    let fallback = PlanDecider::new(plan.clone(), fallback_seed);
+    let (decider, replay): (Box<dyn Decide>, _) = match (replay, &args.replay) {
+        (Some(events), Some(path)) => (
+            Box::new(
+                ReplayDecider::new(events, &path.display().to_string(), fallback)
+                    .map_err(|e| anyhow::anyhow!("cannot replay: {e}"))?,
+            ),
+            Some((path.clone(), fallback_seed)),
         ),
-        _ => Box::new(fallback),
+        _ => (Box::new(fallback), None),
     };
     Ok(Setup {
         plan,
-        seed,
+        seed: decider.seed(),
+        replay,
         decider,
     })
 }
@@ -241,6 +254,21 @@ fn plan_of_recording(origin: &str, sha256: &str) -> Plan {
     }
     warn!("fences the trace has no decision for complete at once (give --plan to choose)");
     Plan::fixed_latency(Duration::ZERO)
+}
+
+/// `fencelab-device: seed N` (the line launchers read), and under a replay
+/// which trace and the seed of fences beyond it.
+fn print_seed(seed: u64, replay: Option<&(PathBuf, u64)>) {
+    // Not eprintln!: it panics when stderr is gone.
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "fencelab-device: seed {seed}");
+    if let Some((trace, fallback)) = replay {
+        let _ = writeln!(
+            stderr,
+            "fencelab-device: replaying {} (seed {seed}); fallback seed {fallback}",
+            trace.display()
+        );
+    }
 }
 
 fn open_tracer(path: Option<&Path>) -> anyhow::Result<Arc<dyn Tracer>> {
@@ -336,18 +364,20 @@ fn run_device(args: Args) -> Result<(), Failure> {
     let Setup {
         plan,
         seed,
+        replay,
         decider,
     } = setup(resolve(&args))?;
 
-    let replay = args.replay.as_ref().map(|p| p.display().to_string());
+    let replayed = replay.as_ref().map(|(path, _)| path.display().to_string());
     let tracer = run(open_tracer(args.trace.as_deref()))?;
-    tracer.record(trace::start_event(seed, &plan, replay.as_deref()));
-    let _ = writeln!(std::io::stderr(), "fencelab-device: seed {seed}");
+    tracer.record(trace::start_event(seed, &plan, replayed.as_deref()));
+    print_seed(seed, replay.as_ref());
     info!(
         seed,
         plan = plan.origin(),
         plan_sha256 = plan.sha256_hex(),
-        replay,
+        replay = replayed,
+        fallback_seed = replay.as_ref().map(|(_, fallback)| *fallback),
         "starting"
     );
 

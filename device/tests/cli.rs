@@ -174,11 +174,7 @@ fn a_running_device_is_driven_over_its_control_socket() {
         "vhost-user socket left behind"
     );
 
-    let events: Vec<Value> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = read_events(&trace);
     assert_eq!(events[0]["event"], "start");
     assert_eq!(events[0]["seed"], 5);
     assert_eq!(events[0]["plan"], plan.display().to_string());
@@ -299,6 +295,15 @@ fn seed_and_latency_from_the_command_line_and_a_live_control_socket_is_kept() {
     assert_eq!(summary_of(&stderr)["seed"], 42);
 }
 
+/// The events of the trace at `path`.
+fn read_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn a_replay_takes_the_seed_and_plan_of_its_trace() {
     let dir = Scratch::new("replay");
@@ -323,4 +328,60 @@ fn a_replay_takes_the_seed_and_plan_of_its_trace() {
     let (status, stderr) = replay.terminate();
     assert!(status.success());
     assert!(stderr.contains("fencelab-device: seed 77\n"), "{stderr}");
+    let replaying = format!("fencelab-device: replaying {} (seed 77);", trace.display());
+    assert!(
+        stderr.contains(&format!("{replaying} fallback seed 77\n")),
+        "without --seed or --plan the fallback keeps the trace's seed: {stderr}"
+    );
+}
+
+/// One seed for a replay everywhere it shows (printed line, `Start`,
+/// `stats`, summary): the trace's. `--seed` or the `--plan`'s seed seed
+/// only the fallback for fences beyond the trace, printed on its own.
+#[test]
+fn a_replay_shows_the_traces_seed_everywhere_and_seed_only_seeds_the_fallback() {
+    let dir = Scratch::new("replay-seed");
+    let plan = plans().join("hang.toml"); // seed = 5
+    let recorded = dir.path("recorded.jsonl");
+    let first = Device::start(
+        &dir,
+        &[
+            "--latency",
+            "1ms",
+            "--seed",
+            "77",
+            "--trace",
+            recorded.to_str().unwrap(),
+        ],
+    );
+    assert!(first.terminate().0.success());
+
+    for (args, fallback) in [
+        (vec!["--seed", "9"], 9),
+        (vec!["--plan", plan.to_str().unwrap()], 5),
+    ] {
+        let again = dir.path("again.jsonl");
+        let mut all = vec![
+            "--replay",
+            recorded.to_str().unwrap(),
+            "--trace",
+            again.to_str().unwrap(),
+        ];
+        all.extend(&args);
+        let replay = Device::start(&dir, &all);
+        assert_eq!(replay.ask(&["stats"])["stats"]["seed"], 77, "{args:?}");
+        let (status, stderr) = replay.terminate();
+        assert!(status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("fencelab-device: seed 77\n"), "{stderr}");
+        let line = format!(
+            "fencelab-device: replaying {} (seed 77); fallback seed {fallback}\n",
+            recorded.display()
+        );
+        assert!(stderr.contains(&line), "{args:?}: {stderr}");
+        assert_eq!(summary_of(&stderr)["seed"], 77, "{args:?}");
+        let start = &read_events(&again)[0];
+        assert_eq!(start["event"], "start");
+        assert_eq!(start["seed"], 77, "{args:?}: {start}");
+        assert_eq!(start["replay"], recorded.display().to_string());
+    }
 }
