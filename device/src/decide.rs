@@ -258,6 +258,10 @@ impl Decide for PlanDecider {
     fn plan_json(&self) -> serde_json::Value {
         self.plan.to_json()
     }
+
+    fn plan_sha256(&self) -> String {
+        self.plan.sha256_hex().to_string()
+    }
 }
 
 #[cfg(test)]

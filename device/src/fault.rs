@@ -185,6 +185,9 @@ pub trait Decide: Send {
     fn patch_plan(&mut self, patch: &serde_json::Value) -> Result<(), String>;
     /// The current plan, as JSON.
     fn plan_json(&self) -> serde_json::Value;
+    /// SHA-256 of the current plan (`Plan::sha256_hex`), lowercase hex: what
+    /// the trace's `start` and `plan_loaded` events record.
+    fn plan_sha256(&self) -> String;
 }
 
 /// Which hung fences to release.
@@ -355,12 +358,22 @@ pub struct Accounting {
     pub deadline_boosts: u64,
 }
 
+/// A plan as the control plane shows it, read in one go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanView {
+    /// The plan as JSON, in the file's notation (what a merge patch applies
+    /// to).
+    pub plan: serde_json::Value,
+    /// [`Decide::plan_sha256`] of the same plan.
+    pub sha256: String,
+}
+
 /// The running device as the control plane sees it. Every method either
 /// does all it says or returns an error and changes nothing.
 pub trait DeviceControl: Send + Sync + 'static {
-    fn load_plan(&self, source: &str, origin: &str) -> Result<serde_json::Value, String>;
-    fn patch_plan(&self, patch: &serde_json::Value) -> Result<serde_json::Value, String>;
-    fn plan(&self) -> serde_json::Value;
+    fn load_plan(&self, source: &str, origin: &str) -> Result<PlanView, String>;
+    fn patch_plan(&self, patch: &serde_json::Value) -> Result<PlanView, String>;
+    fn plan(&self) -> PlanView;
     /// Releases hung fences; returns how many.
     fn release(&self, target: ReleaseTarget) -> Result<u64, String>;
     fn set_paused(&self, paused: bool);

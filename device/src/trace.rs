@@ -340,6 +340,10 @@ impl Decide for ReplayDecider {
     fn plan_json(&self) -> serde_json::Value {
         self.fallback.plan_json()
     }
+
+    fn plan_sha256(&self) -> String {
+        self.fallback.plan_sha256()
+    }
 }
 
 #[cfg(test)]

@@ -135,6 +135,8 @@ fn a_running_device_is_driven_over_its_control_socket() {
     let plan_reply = device.ask(&["plan"]);
     assert_eq!(plan_reply["plan"]["seed"], 5, "{plan_reply}");
     assert_eq!(plan_reply["plan"]["rule"][0]["name"], "stall");
+    let file_sha = sha256sum(&std::fs::read(&plan).unwrap());
+    assert_eq!(plan_reply["plan_sha256"], file_sha, "{plan_reply}");
 
     assert_eq!(device.ask(&["pause"]), json!({"ok": true, "paused": true}));
     let stats = device.ask(&["stats"]);
@@ -156,6 +158,8 @@ fn a_running_device_is_driven_over_its_control_socket() {
 
     let patched = device.ask(&["patch-plan", r#"{"default":{"latency":"1ms"}}"#]);
     assert_eq!(patched["plan"]["default"]["latency"], "1ms");
+    assert_ne!(patched["plan_sha256"], file_sha);
+    assert_eq!(device.ask(&["plan"])["plan_sha256"], patched["plan_sha256"]);
     assert_eq!(device.ask(&["release", "--all"])["released"], 0);
     assert_eq!(device.ask(&["flush-trace"]), json!({"ok": true}));
 
@@ -180,7 +184,15 @@ fn a_running_device_is_driven_over_its_control_socket() {
     assert_eq!(events[0]["plan"], plan.display().to_string());
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
     assert!(kinds.contains(&"paused"), "{kinds:?}");
-    assert!(kinds.contains(&"plan_loaded"), "{kinds:?}");
+    // One hash per plan everywhere: `start`, `ctl plan`, `plan_loaded`.
+    assert_eq!(events[0]["plan_sha256"], file_sha);
+    let loaded: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "plan_loaded")
+        .collect();
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert_eq!(loaded[0]["origin"], "patch");
+    assert_eq!(loaded[0]["plan_sha256"], patched["plan_sha256"]);
 }
 
 #[test]
@@ -293,6 +305,15 @@ fn seed_and_latency_from_the_command_line_and_a_live_control_socket_is_kept() {
     assert!(status.success());
     assert!(stderr.contains("fencelab-device: seed 42\n"), "{stderr}");
     assert_eq!(summary_of(&stderr)["seed"], 42);
+}
+
+/// Lowercase hex SHA-256, as `sha256sum` prints it.
+fn sha256sum(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The events of the trace at `path`.

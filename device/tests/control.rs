@@ -16,7 +16,7 @@ use common::process::{BINARY, Scratch, ctl};
 use fencelab_device::control::protocol::MAX_LINE_BYTES;
 use fencelab_device::control::server::MAX_CONNECTIONS;
 use fencelab_device::control::{Client, ClientError, ControlServer, PlanSource, Request, Response};
-use fencelab_device::fault::{Accounting, DeviceControl, ReleaseTarget, TimelineId};
+use fencelab_device::fault::{Accounting, DeviceControl, PlanView, ReleaseTarget, TimelineId};
 use serde_json::{Value, json};
 
 /// A call the fake device received.
@@ -30,6 +30,14 @@ enum Call {
     Stats,
     Accounting,
     FlushTrace,
+}
+
+/// A plan view whose hash is a stand-in named after the plan.
+fn view(plan: Value) -> PlanView {
+    PlanView {
+        sha256: format!("sha of {plan}"),
+        plan,
+    }
 }
 
 /// A device that records calls. A plan whose text contains `bad` and a
@@ -51,7 +59,7 @@ impl FakeDevice {
 }
 
 impl DeviceControl for FakeDevice {
-    fn load_plan(&self, source: &str, origin: &str) -> Result<Value, String> {
+    fn load_plan(&self, source: &str, origin: &str) -> Result<PlanView, String> {
         self.record(Call::LoadPlan {
             source: source.into(),
             origin: origin.into(),
@@ -59,18 +67,18 @@ impl DeviceControl for FakeDevice {
         if source.contains("bad") {
             return Err(format!("{origin}:1:1: bad plan"));
         }
-        Ok(json!({"loaded": source}))
+        Ok(view(json!({"loaded": source})))
     }
-    fn patch_plan(&self, patch: &Value) -> Result<Value, String> {
+    fn patch_plan(&self, patch: &Value) -> Result<PlanView, String> {
         self.record(Call::PatchPlan(patch.clone()));
         if patch.get("bad").is_some() {
             return Err("patch: field `bad` is not a plan field".into());
         }
-        Ok(json!({"patched": patch}))
+        Ok(view(json!({"patched": patch})))
     }
-    fn plan(&self) -> Value {
+    fn plan(&self) -> PlanView {
         self.record(Call::Plan);
-        json!({"default": {"latency": "1ms"}})
+        view(json!({"default": {"latency": "1ms"}}))
     }
     fn release(&self, target: ReleaseTarget) -> Result<u64, String> {
         self.record(Call::Release(target));
@@ -159,6 +167,11 @@ impl Raw {
     }
 }
 
+/// The reply to a plan request: the plan and its (stand-in) hash.
+fn plan_reply(plan: Value) -> Value {
+    json!({"ok": true, "plan_sha256": view(plan.clone()).sha256, "plan": plan})
+}
+
 fn error_of(reply: &Value) -> &str {
     assert_eq!(reply["ok"], false, "expected an error reply: {reply}");
     reply["error"].as_str().expect("an error message")
@@ -178,7 +191,7 @@ fn every_request_kind_reaches_the_device_and_replies() {
                 source: "[default]\nlatency = \"2ms\"\n".into(),
                 origin: plan_file.display().to_string(),
             },
-            json!({"ok": true, "plan": {"loaded": "[default]\nlatency = \"2ms\"\n"}}),
+            plan_reply(json!({"loaded": "[default]\nlatency = \"2ms\"\n"})),
         ),
         (
             Request::LoadPlan(PlanSource::Toml("seed = 1\n".into())),
@@ -186,17 +199,17 @@ fn every_request_kind_reaches_the_device_and_replies() {
                 source: "seed = 1\n".into(),
                 origin: "<load_plan toml>".into(),
             },
-            json!({"ok": true, "plan": {"loaded": "seed = 1\n"}}),
+            plan_reply(json!({"loaded": "seed = 1\n"})),
         ),
         (
             Request::PatchPlan(json!({"default": {"latency": "5ms"}})),
             Call::PatchPlan(json!({"default": {"latency": "5ms"}})),
-            json!({"ok": true, "plan": {"patched": {"default": {"latency": "5ms"}}}}),
+            plan_reply(json!({"patched": {"default": {"latency": "5ms"}}})),
         ),
         (
             Request::Plan,
             Call::Plan,
-            json!({"ok": true, "plan": {"default": {"latency": "1ms"}}}),
+            plan_reply(json!({"default": {"latency": "1ms"}})),
         ),
         (
             Request::Release(ReleaseTarget::Fence { fence: 9 }),

@@ -4,53 +4,54 @@
 //! engine and are in effect when the call returns.
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::{FencelabGpu, lock};
-use crate::fault::{Accounting, DeviceControl, ReleaseTarget, TraceEvent};
+use super::{FenceDesk, FencelabGpu, lock};
+use crate::fault::{Accounting, DeviceControl, PlanView, ReleaseTarget, TraceEvent};
 
-/// Lower-case hex SHA-256 of `bytes`.
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The decider's plan and its hash, read under one lock.
+fn view(desk: &FenceDesk) -> PlanView {
+    PlanView {
+        plan: desk.decider.plan_json(),
+        sha256: desk.decider.plan_sha256(),
+    }
 }
 
-impl DeviceControl for FencelabGpu {
-    fn load_plan(&self, source: &str, origin: &str) -> Result<Value, String> {
-        let plan = {
-            let mut desk = lock(&self.desk);
-            desk.decider.load_plan(source, origin)?;
-            desk.decider.plan_json()
-        };
+impl FencelabGpu {
+    /// Traces a plan change with the same hash `Start` uses
+    /// ([`crate::plan::Plan::sha256_hex`]).
+    fn trace_plan_loaded(&self, origin: &str, plan: &PlanView) {
         self.tracer.record(TraceEvent::PlanLoaded {
             t_ns: self.clock.now_ns(),
             origin: origin.to_string(),
-            plan_sha256: sha256_hex(source.as_bytes()),
+            plan_sha256: plan.sha256.clone(),
         });
+    }
+}
+
+impl DeviceControl for FencelabGpu {
+    fn load_plan(&self, source: &str, origin: &str) -> Result<PlanView, String> {
+        let plan = {
+            let mut desk = lock(&self.desk);
+            desk.decider.load_plan(source, origin)?;
+            view(&desk)
+        };
+        self.trace_plan_loaded(origin, &plan);
         Ok(plan)
     }
 
-    /// The trace records the SHA-256 of the patched plan's JSON (there is no
-    /// source text).
-    fn patch_plan(&self, patch: &Value) -> Result<Value, String> {
+    fn patch_plan(&self, patch: &Value) -> Result<PlanView, String> {
         let plan = {
             let mut desk = lock(&self.desk);
             desk.decider.patch_plan(patch)?;
-            desk.decider.plan_json()
+            view(&desk)
         };
-        self.tracer.record(TraceEvent::PlanLoaded {
-            t_ns: self.clock.now_ns(),
-            origin: "patch".to_string(),
-            plan_sha256: sha256_hex(plan.to_string().as_bytes()),
-        });
+        self.trace_plan_loaded("patch", &plan);
         Ok(plan)
     }
 
-    fn plan(&self) -> Value {
-        lock(&self.desk).decider.plan_json()
+    fn plan(&self) -> PlanView {
+        view(&lock(&self.desk))
     }
 
     fn release(&self, target: ReleaseTarget) -> Result<u64, String> {
@@ -118,17 +119,13 @@ mod tests {
     }
 
     #[test]
-    fn sha256_is_hex() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
-
-    #[test]
     fn plan_changes_go_to_the_decider_and_the_trace() {
         let (gpu, log) = device();
         let before = gpu.plan();
+        assert_eq!(
+            before.sha256,
+            Plan::fixed_latency(std::time::Duration::from_millis(1)).sha256_hex()
+        );
         let err = gpu.load_plan("[default]\nlatency = 12\n", "bad.toml");
         assert!(err.is_err(), "{err:?}");
         assert_eq!(gpu.plan(), before, "a refused plan changes nothing");
@@ -137,10 +134,17 @@ mod tests {
         let source = "[default]\nlatency = \"3ms\"\n";
         let plan = gpu.load_plan(source, "new.toml").unwrap();
         assert_eq!(plan, gpu.plan());
+        let parsed = Plan::parse(source, "new.toml").unwrap();
+        assert_eq!(plan.sha256, parsed.sha256_hex());
         let patched = gpu
             .patch_plan(&serde_json::json!({"default": {"latency": "5ms"}}))
             .unwrap();
-        assert_ne!(patched, plan);
+        assert_eq!(patched, gpu.plan());
+        assert_ne!(patched.sha256, plan.sha256);
+        // A patched plan's hash is the plan module's (of the TOML it was
+        // checked as), not one of its JSON.
+        let rebuilt = Plan::from_json(&patched.plan, "new.toml (patched)").unwrap();
+        assert_eq!(patched.sha256, rebuilt.sha256_hex());
         let events = log.events();
         match &events[..] {
             [
@@ -149,11 +153,16 @@ mod tests {
                     plan_sha256,
                     ..
                 },
-                TraceEvent::PlanLoaded { origin: o2, .. },
+                TraceEvent::PlanLoaded {
+                    origin: o2,
+                    plan_sha256: sha2,
+                    ..
+                },
             ] => {
                 assert_eq!(origin, "new.toml");
-                assert_eq!(plan_sha256, &sha256_hex(source.as_bytes()));
+                assert_eq!(plan_sha256, &plan.sha256);
                 assert_eq!(o2, "patch");
+                assert_eq!(sha2, &patched.sha256);
             }
             other => panic!("{other:?}"),
         }

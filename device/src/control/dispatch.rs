@@ -8,7 +8,7 @@ use serde_json::Map;
 use tracing::{debug, info, warn};
 
 use super::protocol::{PlanSource, Request, Response};
-use crate::fault::DeviceControl;
+use crate::fault::{DeviceControl, PlanView};
 
 /// Plan files larger than this are refused unread.
 pub const MAX_PLAN_FILE_BYTES: u64 = 16 << 20;
@@ -53,9 +53,9 @@ pub fn apply(request: Request, device: &dyn DeviceControl) -> Response {
         Request::LoadPlan(source) => load_plan(&source, device),
         Request::PatchPlan(patch) => device
             .patch_plan(&patch)
-            .map(|plan| Response::ok_with("plan", plan))
+            .map(plan_reply)
             .unwrap_or_else(Response::Err),
-        Request::Plan => Response::ok_with("plan", device.plan()),
+        Request::Plan => plan_reply(device.plan()),
         Request::Release(target) => device
             .release(target)
             .map(|n| Response::ok_with("released", n.into()))
@@ -86,6 +86,15 @@ pub fn apply(request: Request, device: &dyn DeviceControl) -> Response {
     response
 }
 
+/// `{"ok":true,"plan":{…},"plan_sha256":"…"}`: the hash is the one the
+/// trace records for this plan.
+fn plan_reply(view: PlanView) -> Response {
+    let mut fields = Map::new();
+    fields.insert("plan".into(), view.plan);
+    fields.insert("plan_sha256".into(), view.sha256.into());
+    Response::Ok(fields)
+}
+
 fn is_read_only(name: &str) -> bool {
     matches!(name, "plan" | "stats" | "accounting")
 }
@@ -99,7 +108,7 @@ fn load_plan(source: &PlanSource, device: &dyn DeviceControl) -> Response {
         },
     };
     match loaded {
-        Ok(plan) => Response::ok_with("plan", plan),
+        Ok(plan) => plan_reply(plan),
         Err(e) => Response::Err(e),
     }
 }

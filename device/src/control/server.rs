@@ -254,25 +254,32 @@ async fn serve_with_limit<S: AsyncRead + AsyncWrite>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fault::{Accounting, ReleaseTarget};
+    use crate::fault::{Accounting, PlanView, ReleaseTarget};
     use std::sync::Mutex;
+
+    fn empty_plan() -> PlanView {
+        PlanView {
+            plan: serde_json::json!({}),
+            sha256: String::new(),
+        }
+    }
 
     /// Counts calls; everything succeeds.
     #[derive(Default)]
     struct Counting(Mutex<Vec<String>>);
 
     impl DeviceControl for Counting {
-        fn load_plan(&self, _: &str, origin: &str) -> Result<serde_json::Value, String> {
+        fn load_plan(&self, _: &str, origin: &str) -> Result<PlanView, String> {
             self.0.lock().unwrap().push(format!("load_plan {origin}"));
-            Ok(serde_json::json!({}))
+            Ok(empty_plan())
         }
-        fn patch_plan(&self, _: &serde_json::Value) -> Result<serde_json::Value, String> {
+        fn patch_plan(&self, _: &serde_json::Value) -> Result<PlanView, String> {
             self.0.lock().unwrap().push("patch_plan".into());
-            Ok(serde_json::json!({}))
+            Ok(empty_plan())
         }
-        fn plan(&self) -> serde_json::Value {
+        fn plan(&self) -> PlanView {
             self.0.lock().unwrap().push("plan".into());
-            serde_json::json!({})
+            empty_plan()
         }
         fn release(&self, _: ReleaseTarget) -> Result<u64, String> {
             self.0.lock().unwrap().push("release".into());

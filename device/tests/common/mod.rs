@@ -256,6 +256,9 @@ impl Decide for Script {
     fn plan_json(&self) -> serde_json::Value {
         serde_json::json!("scripted")
     }
+    fn plan_sha256(&self) -> String {
+        "scripted".into()
+    }
 }
 
 pub fn latency(d: Duration) -> Decision {
