@@ -20,8 +20,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A timeline: the fences of one device context and ring. Within a timeline
-/// the device completes fences in arrival order unless the plan reorders
-/// them (a GPU ring is FIFO); across timelines there is no order.
+/// the device completes fences in arrival order unless the plan reorders or
+/// hangs them (a GPU ring is FIFO); across timelines there is no order.
 ///
 /// The upstream `virtio_gpu` driver without `CONTEXT_INIT` uses ring 0 of the
 /// DRM file's context; kernel-internal fences (fbdev) use context 0.
@@ -86,7 +86,8 @@ pub struct FenceInfo {
     pub work_ns: u64,
 }
 
-/// How a hung fence ends.
+/// How a hung fence ends. A hung fence leaves its timeline's order: the
+/// fences after it complete without waiting for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Hang {
