@@ -20,6 +20,9 @@ pub struct BootArgs {
     /// Guest workload run by fence-hammer.
     #[arg(long, default_value = "smoke")]
     pub workload: String,
+    /// DRM driver the guest loads for the device.
+    #[arg(long, value_enum, default_value_t = Driver::VirtioGpu)]
+    pub driver: Driver,
     /// Fences the workload submits.
     #[arg(long, default_value_t = 2000)]
     pub fences: u32,
@@ -64,6 +67,25 @@ pub struct BootArgs {
     pub kill_device_mid_run: bool,
 }
 
+/// The guest's DRM driver for the virtio-gpu device.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// The upstream C driver, `virtio_gpu.ko`.
+    VirtioGpu,
+    /// fencelab's Rust driver, `fencelab_drm.ko` (guest-driver/ series).
+    Fencelab,
+}
+
+impl Driver {
+    /// The module the guest's init loads (`fencelab.driver=`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Driver::VirtioGpu => "virtio_gpu",
+            Driver::Fencelab => "fencelab_drm",
+        }
+    }
+}
+
 impl Default for BootArgs {
     fn default() -> Self {
         #[derive(Parser)]
@@ -84,6 +106,9 @@ impl BootArgs {
             format!("--workload {}", self.workload),
             format!("--fences {}", self.fences),
         ];
+        if self.driver == Driver::Fencelab {
+            words.push("--driver fencelab".to_owned());
+        }
         match &self.plan {
             Some(plan) => words.push(format!("--plan {}", shown_path(plan))),
             None => words.push(format!("--latency {}", self.latency)),
@@ -191,7 +216,11 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     wait_for_socket(&socket, &mut device, &device_log)?;
 
     let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
+    cmdline_extra.push(format!("fencelab.driver={}", args.driver.module()));
     let mut hammer_args = vec![format!("--fences={}", args.fences)];
+    if args.driver == Driver::Fencelab {
+        hammer_args.push("--driver=fencelab".to_owned());
+    }
     hammer_args.extend(args.hammer_args.iter().cloned());
     cmdline_extra.push(format!("fencelab.args={}", hammer_args.join(",")));
     let spec = GuestSpec {
