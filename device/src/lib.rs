@@ -8,7 +8,8 @@
 //! - [`fault`]: the types shared by plan, engine, trace and control plane.
 //! - [`engine`]: the fence completion loop.
 //! - [`backend`]: the `VhostUserBackend` implementation and vring plumbing.
-//! - [`stats`]: accounting for the shutdown summary.
+//! - [`stats`]: accounting and latency histograms, for `ctl stats` and the
+//!   shutdown summary.
 //! - [`plan`]: fault plans (TOML), checked with precise errors.
 //! - [`decide`]: the seeded decider that applies a plan to each fence.
 //! - [`trace`]: the JSON-lines trace, and replaying a run from it.

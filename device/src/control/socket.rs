@@ -153,6 +153,7 @@ mod tests {
         let bound = bind_private(&path).unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
+        // SAFETY: geteuid has no preconditions and cannot fail.
         assert_eq!(meta.uid(), unsafe { libc::geteuid() });
         let err = format!("{:#}", bind_private(&path).unwrap_err());
         assert!(err.contains("another process is listening"), "{err}");
