@@ -23,9 +23,9 @@ pub struct BootArgs {
     /// DRM driver the guest loads for the device.
     #[arg(long, value_enum, default_value_t = Driver::VirtioGpu)]
     pub driver: Driver,
-    /// Fences the workload submits.
-    #[arg(long, default_value_t = 2000)]
-    pub fences: u32,
+    /// Fences the workload submits [default: 2000; unload-live: 10000].
+    #[arg(long)]
+    pub fences: Option<u32>,
     /// Completion latency of every fence in fencelab-device (e.g. 0, 100us, 2ms).
     #[arg(long, default_value = "0", conflicts_with = "plan")]
     pub latency: String,
@@ -97,14 +97,40 @@ impl Default for BootArgs {
     }
 }
 
+/// fence-hammer's workload that unloads fencelab_drm under load; it brings
+/// its own defaults (more fences, and a device plan that keeps them pending).
+const UNLOAD_LIVE: &str = "unload-live";
+
 impl BootArgs {
+    /// `--fences`, else the workload's default.
+    pub fn fences(&self) -> u32 {
+        self.fences.unwrap_or(if self.workload == UNLOAD_LIVE {
+            10_000
+        } else {
+            2000
+        })
+    }
+
+    /// The arguments with the workload's defaults filled in: unload-live runs
+    /// with `images/fence-hammer/plans/unload-live.toml` unless `--plan` or a
+    /// non-zero `--latency` is given.
+    fn with_workload_defaults(&self) -> Self {
+        let mut args = self.clone();
+        args.fences = Some(self.fences());
+        if self.workload == UNLOAD_LIVE && self.plan.is_none() && self.latency == "0" {
+            args.plan =
+                Some(paths::workspace_root().join("images/fence-hammer/plans/unload-live.toml"));
+        }
+        args
+    }
+
     /// The one command that repeats this run; `seed` is the one the device
     /// used (which pins a plan's random decisions).
     fn reproduce(&self, seed: Option<u64>) -> String {
         let mut words = vec![
             "cargo xtask boot".to_owned(),
             format!("--workload {}", self.workload),
-            format!("--fences {}", self.fences),
+            format!("--fences {}", self.fences()),
         ];
         if self.driver == Driver::Fencelab {
             words.push("--driver fencelab".to_owned());
@@ -179,6 +205,7 @@ fn device_log_tail(path: &Path) -> String {
 /// Everything up to the summary; `Err` only when the run could not start.
 pub fn execute(args: &BootArgs) -> Result<Summary> {
     let started = Instant::now();
+    let args = &args.with_workload_defaults();
     args.check_plan()?;
     step("setup");
     let toolchain = setup::run()?;
@@ -217,7 +244,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
 
     let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
     cmdline_extra.push(format!("fencelab.driver={}", args.driver.module()));
-    let mut hammer_args = vec![format!("--fences={}", args.fences)];
+    let mut hammer_args = vec![format!("--fences={}", args.fences())];
     if args.driver == Driver::Fencelab {
         hammer_args.push("--driver=fencelab".to_owned());
     }
@@ -404,10 +431,11 @@ fn judge_guest(
             guest.first_error.as_deref().unwrap_or("no error given")
         ));
     }
-    if guest.fences_submitted != u64::from(args.fences) && !hangs_explain_timeouts {
+    if guest.fences_submitted != u64::from(args.fences()) && !hangs_explain_timeouts {
         failures.push(format!(
             "fence-hammer submitted {} fences, {} requested",
-            guest.fences_submitted, args.fences
+            guest.fences_submitted,
+            args.fences()
         ));
     }
     let unsignaled_ok = hangs_explain_timeouts
@@ -610,11 +638,32 @@ mod tests {
     }
 
     #[test]
+    fn unload_live_brings_its_fences_and_plan() {
+        let args = parse(&["--workload", "unload-live", "--driver", "fencelab"])
+            .unwrap()
+            .with_workload_defaults();
+        assert_eq!(args.fences, Some(10_000));
+        assert_eq!(args.driver.module(), "fencelab_drm");
+        let plan = args.plan.expect("the workload's plan");
+        assert!(plan.ends_with("images/fence-hammer/plans/unload-live.toml"));
+        assert!(plan.is_file(), "{} is missing", plan.display());
+
+        let args = parse(&["--workload", "unload-live", "--latency", "2ms"])
+            .unwrap()
+            .with_workload_defaults();
+        assert_eq!(args.plan, None, "an explicit latency wins");
+        let args = parse(&["--fences", "30"]).unwrap().with_workload_defaults();
+        assert_eq!((args.fences, args.plan), (Some(30), None));
+        assert_eq!(parse(&[]).unwrap().fences(), 2000);
+        assert_eq!(parse(&[]).unwrap().driver.module(), "virtio_gpu");
+    }
+
+    #[test]
     fn reproduce_names_the_plan_and_the_device_seed() {
         let plan = paths::workspace_root().join("device/plans/x.toml");
         let args = BootArgs {
             plan: Some(plan),
-            fences: 300,
+            fences: Some(300),
             hammer_args: vec!["--inflight=1".into()],
             ..BootArgs::default()
         };

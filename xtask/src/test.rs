@@ -87,7 +87,7 @@ fn plan_boots() -> Result<()> {
         let args = BootArgs {
             plan: Some(plan.clone()),
             seed: Some(PLAN_SEED),
-            fences: PLAN_FENCES,
+            fences: Some(PLAN_FENCES),
             ..BootArgs::default()
         };
         let summary = boot::execute(&args)?;
@@ -143,7 +143,7 @@ fn backend_death_is_reported() -> Result<()> {
     eprintln!("test: harness fault test (fencelab-device killed mid-run)");
     let args = BootArgs {
         // Far more than can finish before the kill.
-        fences: 1_000_000,
+        fences: Some(1_000_000),
         kill_device_mid_run: true,
         ..BootArgs::default()
     };

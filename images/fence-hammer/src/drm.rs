@@ -119,9 +119,15 @@ impl RenderNode {
     /// The first `renderD<N>` in `dir` (lowest N) whose driver is
     /// `virtio_gpu`. The error names every node looked at and what it was.
     pub fn find_virtio_gpu(dir: &Path) -> anyhow::Result<Self> {
+        Self::find(dir, VIRTIO_GPU)
+    }
+
+    /// The first `renderD<N>` in `dir` (lowest N) whose driver is `driver`.
+    /// The error names every node looked at and what it was.
+    pub fn find(dir: &Path, driver: &str) -> anyhow::Result<Self> {
         let entries = std::fs::read_dir(dir).with_context(|| {
             format!(
-                "no virtio_gpu render node: cannot list {} (is devtmpfs mounted and virtio_gpu loaded?)",
+                "no {driver} render node: cannot list {} (is devtmpfs mounted and {driver} loaded?)",
                 dir.display()
             )
         })?;
@@ -140,14 +146,14 @@ impl RenderNode {
         nodes.sort();
         if nodes.is_empty() {
             bail!(
-                "no virtio_gpu render node: {} has no renderD* entries",
+                "no {driver} render node: {} has no renderD* entries",
                 dir.display()
             );
         }
         let mut seen = Vec::new();
         for (_, path) in nodes {
             match Self::open(&path) {
-                Ok(node) if node.version.name == VIRTIO_GPU => return Ok(node),
+                Ok(node) if node.version.name == driver => return Ok(node),
                 Ok(node) => seen.push(format!(
                     "{}: driver {:?}",
                     path.display(),
@@ -157,7 +163,7 @@ impl RenderNode {
             }
         }
         bail!(
-            "no render node in {} is driven by {VIRTIO_GPU}: {}",
+            "no render node in {} is driven by {driver}: {}",
             dir.display(),
             seen.join("; ")
         )

@@ -10,6 +10,9 @@
 //! 2 usage or setup error (no run).
 
 mod drm;
+mod fencelab;
+mod fencelab_uapi;
+mod fencelab_unload;
 mod order;
 mod readback;
 mod report;
@@ -25,9 +28,10 @@ use clap::Parser;
 use clap::error::ErrorKind;
 
 use crate::drm::{RenderNode, WriteBuffer};
+use crate::fencelab::FencelabNode;
 use crate::readback::{SlotMap, SlotMemory};
 use crate::report::ResultLine;
-use crate::workloads::{Context, Params};
+use crate::workloads::{Context, FenceSource, Params};
 
 const EXIT_NOT_OK: u8 = 1;
 const EXIT_SETUP: u8 = 2;
@@ -39,7 +43,7 @@ const EXIT_SETUP: u8 = 2;
     about = "fencelab guest workload: hammer virtio_gpu fences and check invariants"
 )]
 struct Cli {
-    /// DRM render node [default: the first /dev/dri/renderD* driven by virtio_gpu]
+    /// DRM render node [default: the first /dev/dri/renderD* driven by the --driver]
     #[arg(long, value_name = "PATH")]
     device: Option<PathBuf>,
 
@@ -66,6 +70,63 @@ struct Cli {
     /// Do not give fences a WRITE to read back (no premature-signal check)
     #[arg(long)]
     no_write: bool,
+
+    /// DRM driver to drive (fencelab: fencelab_drm, which has no buffers, so no WRITE read-back)
+    #[arg(long, value_enum, default_value_t = Driver::VirtioGpu)]
+    driver: Driver,
+
+    /// Timelines the fences are spread over, in turn (--driver fencelab) [default: 1; unload-live: 4]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    timelines: Option<u32>,
+
+    /// Module unloads of unload-live (the fences are shared among them)
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+}
+
+/// The DRM drivers fence-hammer speaks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Driver {
+    /// The upstream virtio_gpu driver.
+    #[value(name = "virtio_gpu")]
+    VirtioGpu,
+    /// fencelab_drm, fencelab's Rust driver.
+    Fencelab,
+}
+
+/// The opened driver.
+enum Opened {
+    VirtioGpu(RenderNode),
+    Fencelab(FencelabNode),
+}
+
+impl Opened {
+    fn open(cli: &Cli) -> anyhow::Result<Self> {
+        match cli.driver {
+            Driver::VirtioGpu => Ok(Opened::VirtioGpu(match &cli.device {
+                Some(path) => RenderNode::open(path)?.require_driver(drm::VIRTIO_GPU)?,
+                None => RenderNode::find_virtio_gpu(Path::new("/dev/dri"))?,
+            })),
+            Driver::Fencelab => Ok(Opened::Fencelab(FencelabNode::open(
+                cli.device.as_deref(),
+                cli.timelines.unwrap_or(1),
+            )?)),
+        }
+    }
+
+    fn node(&self) -> &RenderNode {
+        match self {
+            Opened::VirtioGpu(node) => node,
+            Opened::Fencelab(fl) => fl.node(),
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn FenceSource {
+        match self {
+            Opened::VirtioGpu(node) => node,
+            Opened::Fencelab(fl) => fl,
+        }
+    }
 }
 
 fn emit(line: &ResultLine) {
@@ -106,6 +167,10 @@ fn main() -> ExitCode {
         }
     };
 
+    if cli.workload == fencelab_unload::NAME {
+        return unload_live(&cli);
+    }
+
     let workload = match workloads::find(&cli.workload) {
         Ok(w) => w,
         Err(e) => {
@@ -118,12 +183,8 @@ fn main() -> ExitCode {
         }
     };
 
-    let node = match &cli.device {
-        Some(path) => RenderNode::open(path).and_then(|n| n.require_driver(drm::VIRTIO_GPU)),
-        None => RenderNode::find_virtio_gpu(Path::new("/dev/dri")),
-    };
-    let mut node = match node {
-        Ok(node) => node,
+    let mut opened = match Opened::open(&cli) {
+        Ok(opened) => opened,
         Err(e) => {
             return setup_error(
                 Some(workload.name),
@@ -133,6 +194,7 @@ fn main() -> ExitCode {
             );
         }
     };
+    let node = opened.node();
 
     let device = node.path().display().to_string();
     let driver = node.version().name.clone();
@@ -151,10 +213,10 @@ fn main() -> ExitCode {
         cli.timeout_ms
     );
 
-    let buffer = if cli.no_write {
+    let buffer = if cli.no_write || cli.driver == Driver::Fencelab {
         None
     } else {
-        match WriteBuffer::create(&node, SlotMap::for_fences(cli.fences)) {
+        match WriteBuffer::create(node, SlotMap::for_fences(cli.fences)) {
             Ok(b) => {
                 eprintln!(
                     "fence-hammer: WRITE read-back: resource {} (GEM handle {}), {} slots",
@@ -182,7 +244,7 @@ fn main() -> ExitCode {
         timeout: Duration::from_millis(cli.timeout_ms),
     };
     let mut ctx = Context {
-        source: &mut node,
+        source: opened.source(),
         slots: buffer.as_ref().map(|b| b as &dyn SlotMemory),
         params,
         label: workload.name,
@@ -190,6 +252,54 @@ fn main() -> ExitCode {
     let outcome = (workload.run)(&mut ctx);
 
     let line = ResultLine::from_outcome(workload.name, &device, &driver, &outcome);
+    emit(&line);
+    if line.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_OK)
+    }
+}
+
+/// `unload-live` loads and unloads the driver itself, so it opens no node
+/// here (an open DRM file keeps the module loaded).
+fn unload_live(cli: &Cli) -> ExitCode {
+    let name = fencelab_unload::NAME;
+    if cli.driver != Driver::Fencelab {
+        return setup_error(
+            Some(name),
+            cli.device.as_deref(),
+            None,
+            format!("usage: {name} unloads fencelab_drm: it needs --driver fencelab"),
+        );
+    }
+    if cli.rounds > cli.fences {
+        return setup_error(
+            Some(name),
+            cli.device.as_deref(),
+            None,
+            format!(
+                "usage: --rounds {} is more than --fences {}",
+                cli.rounds, cli.fences
+            ),
+        );
+    }
+    let cfg = fencelab_unload::Config {
+        device: cli.device.clone(),
+        fences: cli.fences,
+        rounds: cli.rounds,
+        timelines: cli.timelines.unwrap_or(4),
+        work_ns: cli.work_ns,
+    };
+    eprintln!(
+        "fence-hammer: {name} ({}): {} fences, {} rounds, {} timelines, WORK {} ns",
+        fencelab_unload::SUMMARY,
+        cfg.fences,
+        cfg.rounds,
+        cfg.timelines,
+        cfg.work_ns
+    );
+    let (outcome, device) = fencelab_unload::run(&cfg);
+    let line = ResultLine::from_outcome(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
     emit(&line);
     if line.ok {
         ExitCode::SUCCESS

@@ -1,0 +1,451 @@
+//! `unload-live` (`--driver fencelab`): unloads fencelab_drm while its fences
+//! are pending and userspace holds their sync_files, then uses those
+//! sync_files, again and again.
+//!
+//! Each of `--rounds` rounds: load the module (the init loaded it for the
+//! first), create a context with `--timelines` timelines, submit this
+//! round's share of `--fences` (jobs go to the timelines in turn; every
+//! second one gets a deadline, `SYNC_IOC_SET_DEADLINE` 1 ms ahead, which the
+//! driver forwards to the device), read the driver's debugfs totals, count
+//! the fences still pending, close the render node and `rmmod` the module
+//! (timed). Then every sync_file, its issuer gone, must still work: poll
+//! reports it ready, `SYNC_IOC_FILE_INFO` reports it signaled, successfully
+//! if the device completed the job, with `-ENODEV` if the unload cut it off.
+//!
+//! Counting: a fence signaled either way counts as signaled (its round trip
+//! is from its submission to the poll after the unload); one signaled
+//! with any other error counts as an error, one not signaled after the
+//! unload as a timeout (both break the run). The device plan decides how
+//! many fences are still pending at each unload (the xtask default plan for
+//! this workload makes jobs take hundreds of milliseconds, reordered).
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fencelab_stream::{Op, encode};
+
+use crate::fencelab::FencelabNode;
+use crate::fencelab_uapi as fl;
+use crate::report::Outcome;
+use crate::sync_file::{self, Readiness, Status};
+use crate::uapi;
+
+pub const NAME: &str = "unload-live";
+pub const SUMMARY: &str = "rmmod fencelab_drm with fences pending and their sync_files open, N rounds; every fence must end signaled";
+
+/// The module the workload unloads and loads.
+const MODULE: &CStr = c"fencelab_drm";
+/// The driver's debugfs totals.
+const DEBUGFS_TIMELINES: &str = "/sys/kernel/debug/fencelab_drm/timelines";
+/// How long to wait for the render node after loading the module.
+const NODE_WAIT: Duration = Duration::from_secs(10);
+/// How long `rmmod` may keep failing with `EAGAIN`/`EBUSY` (a DRM file
+/// being released) before the round fails.
+const UNLOAD_WAIT: Duration = Duration::from_secs(10);
+/// How far ahead of submission the deadlines are set.
+const DEADLINE_AHEAD: Duration = Duration::from_millis(1);
+
+/// What the workload is asked to do.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: Option<PathBuf>,
+    pub fences: u64,
+    pub rounds: u64,
+    pub timelines: u32,
+    pub work_ns: u64,
+}
+
+/// One fence of a round.
+struct Job {
+    fence: OwnedFd,
+    submitted_at: Instant,
+    fence_id: u64,
+    with_deadline: bool,
+}
+
+/// The driver's debugfs totals that the report shows.
+#[derive(Debug, Default, Clone, Copy)]
+struct DriverTotals {
+    ordering_violations: u64,
+    timeouts: u64,
+    hints_sent: u64,
+    hints_dropped: u64,
+}
+
+impl DriverTotals {
+    /// Parses the `total key=value ...` line of the debugfs file.
+    fn parse(text: &str) -> Option<Self> {
+        let line = text.lines().find(|l| l.starts_with("total "))?;
+        let value = |key: &str| -> Option<u64> {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        };
+        Some(Self {
+            ordering_violations: value("ordering_violations")?,
+            timeouts: value("timeouts")?,
+            hints_sent: value("hints_sent")?,
+            hints_dropped: value("hints_dropped")?,
+        })
+    }
+
+    fn add(&mut self, other: Self) {
+        self.ordering_violations += other.ordering_violations;
+        self.timeouts += other.timeouts;
+        self.hints_sent += other.hints_sent;
+        self.hints_dropped += other.hints_dropped;
+    }
+}
+
+/// Figures of the whole run, printed at the end.
+#[derive(Debug, Default)]
+struct Figures {
+    rounds: u64,
+    completed: u64,
+    cut_off: u64,
+    deadlines_set: u64,
+    min_pending: Option<u64>,
+    max_pending: u64,
+    unload_ms: Vec<f64>,
+    driver: DriverTotals,
+}
+
+/// Runs the workload; returns its outcome and the render node it used.
+pub fn run(cfg: &Config) -> (Outcome, String) {
+    let mut out = Outcome::default();
+    let mut figures = Figures::default();
+    let mut device = String::new();
+    let start = Instant::now();
+    let stream = encode(&[Op::Work { ns: cfg.work_ns }]);
+
+    for round in 0..cfg.rounds {
+        let share = cfg.fences / cfg.rounds + u64::from(round < cfg.fences % cfg.rounds);
+        if let Err(e) = one_round(
+            cfg,
+            round,
+            share,
+            &stream,
+            &mut out,
+            &mut figures,
+            &mut device,
+        ) {
+            out.note_error(format!("round {}/{}: {e:#}", round + 1, cfg.rounds));
+            break;
+        }
+    }
+    out.elapsed = start.elapsed();
+    report(&figures, &out);
+    (out, device)
+}
+
+fn one_round(
+    cfg: &Config,
+    round: u64,
+    share: u64,
+    stream: &[u8],
+    out: &mut Outcome,
+    figures: &mut Figures,
+    device: &mut String,
+) -> anyhow::Result<()> {
+    let label = format!("{NAME}: round {}/{}", round + 1, cfg.rounds);
+    if round > 0 {
+        load()?;
+    }
+    let node = open(cfg)?;
+    if device.is_empty() {
+        *device = node.node().path().display().to_string();
+    }
+    let ring = node.param(fl::PARAM_RING_SIZE)?;
+    if share > ring {
+        anyhow::bail!(
+            "{share} fences per round do not fit the driver's ring of {ring} jobs: use more --rounds"
+        );
+    }
+
+    let mut jobs = Vec::with_capacity(share as usize);
+    for i in 0..share {
+        out.counts.submitted += 1;
+        let timeline = (i % u64::from(node.timelines())) as u32;
+        let submitted_at = Instant::now();
+        match node.submit_on(timeline, stream, None) {
+            Ok(submitted) => {
+                let with_deadline = i % 2 == 0;
+                if with_deadline {
+                    set_deadline(submitted.fence.as_fd(), DEADLINE_AHEAD)?;
+                    figures.deadlines_set += 1;
+                }
+                if out.timeline_name.is_none() {
+                    log_names(out, submitted.fence.as_fd(), submitted.seqno);
+                }
+                jobs.push(Job {
+                    fence: submitted.fence,
+                    submitted_at,
+                    fence_id: submitted.fence_id,
+                    with_deadline,
+                });
+            }
+            Err(e) => {
+                out.counts.errors += 1;
+                out.counts.submit_failures += 1;
+                out.note_error(format!("{label}: fence {i}: SUBMIT failed: {e}"));
+            }
+        }
+    }
+
+    let totals = std::fs::read_to_string(DEBUGFS_TIMELINES)
+        .ok()
+        .and_then(|t| DriverTotals::parse(&t));
+    match totals {
+        Some(t) => figures.driver.add(t),
+        None => eprintln!("fence-hammer: {label}: no driver totals in {DEBUGFS_TIMELINES}"),
+    }
+    let fds: Vec<BorrowedFd<'_>> = jobs.iter().map(|j| j.fence.as_fd()).collect();
+    let states = sync_file::poll_in(&fds, Duration::ZERO)?;
+    drop(fds);
+    let pending = states.iter().filter(|r| **r == Readiness::Pending).count() as u64;
+    check_wait(&node, &jobs, &states, out, &label);
+
+    // The DRM file holds a reference on the module: close it first.
+    drop(node);
+    let unload = unload()?;
+    figures.unload_ms.push(unload.as_secs_f64() * 1e3);
+    figures.rounds += 1;
+    figures.max_pending = figures.max_pending.max(pending);
+    figures.min_pending = Some(figures.min_pending.map_or(pending, |m| m.min(pending)));
+
+    let (mut completed, mut cut_off) = (0, 0);
+    for (i, job) in jobs.iter().enumerate() {
+        let what = format!(
+            "{label}: fence {i} (device fence {}{})",
+            job.fence_id,
+            if job.with_deadline { ", deadline" } else { "" }
+        );
+        match sync_file::poll_in(&[job.fence.as_fd()], Duration::ZERO)?[0] {
+            Readiness::Ready => out
+                .rtt_ns
+                .push(job.submitted_at.elapsed().as_nanos() as u64),
+            other => {
+                out.counts.timeouts += 1;
+                out.note_error(format!("{what}: poll says {other:?} after the unload"));
+                continue;
+            }
+        }
+        let info = match sync_file::file_info(job.fence.as_fd()) {
+            Ok(info) => info,
+            Err(e) => {
+                out.counts.errors += 1;
+                out.note_error(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        match info.status {
+            Status::Signaled => {
+                completed += 1;
+                out.counts.signaled += 1;
+            }
+            Status::Error(e) if e == -libc::ENODEV => {
+                cut_off += 1;
+                out.counts.signaled += 1;
+            }
+            Status::Error(e) => {
+                out.counts.errors += 1;
+                out.note_error(format!(
+                    "{what}: signaled with {} ({e})",
+                    io::Error::from_raw_os_error(-e)
+                ));
+            }
+            Status::Active => {
+                out.counts.timeouts += 1;
+                out.note_error(format!("{what}: FILE_INFO says active after the unload"));
+            }
+        }
+    }
+    drop(jobs);
+    figures.completed += completed;
+    figures.cut_off += cut_off;
+    eprintln!(
+        "fence-hammer: {label}: {share} fences, {pending} pending at rmmod; after: {completed} completed, {cut_off} cut off (-ENODEV); rmmod {:.1} ms",
+        unload.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// `DRM_IOCTL_FENCELAB_WAIT` while the driver is loaded: on a fence poll
+/// found signaled it returns at once, on a pending one with a zero timeout
+/// it fails with `ETIME`.
+fn check_wait(
+    node: &FencelabNode,
+    jobs: &[Job],
+    states: &[Readiness],
+    out: &mut Outcome,
+    label: &str,
+) {
+    let first = |want: Readiness| jobs.iter().zip(states).find(|(_, s)| **s == want);
+    if let Some((job, _)) = first(Readiness::Ready) {
+        if let Err(e) = node.wait(job.fence.as_fd(), Duration::from_secs(1)) {
+            out.counts.errors += 1;
+            out.note_error(format!("{label}: WAIT on a signaled fence failed: {e}"));
+        }
+    }
+    if let Some((job, _)) = first(Readiness::Pending) {
+        match node.wait(job.fence.as_fd(), Duration::ZERO) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            // It may have signaled since the poll.
+            Ok(_) => {}
+            Err(e) => {
+                out.counts.errors += 1;
+                out.note_error(format!("{label}: WAIT(0) on a pending fence: {e}"));
+            }
+        }
+    }
+}
+
+/// Opens the render node, waiting for it to appear after a load.
+fn open(cfg: &Config) -> anyhow::Result<FencelabNode> {
+    let deadline = Instant::now() + NODE_WAIT;
+    loop {
+        match FencelabNode::open(cfg.device.as_deref(), cfg.timelines) {
+            Ok(node) => return Ok(node),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `modprobe fencelab_drm`.
+fn load() -> anyhow::Result<()> {
+    let module = MODULE.to_str().expect("ASCII");
+    let status = Command::new("modprobe")
+        .arg(module)
+        .status()
+        .map_err(|e| anyhow::anyhow!("running modprobe {module}: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("modprobe {module} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `delete_module("fencelab_drm", O_NONBLOCK)`, retried while the module is
+/// busy; returns how long the successful call took.
+fn unload() -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + UNLOAD_WAIT;
+    loop {
+        let started = Instant::now();
+        // SAFETY: delete_module(2) takes a NUL-terminated module name and
+        // flags; MODULE is a C string literal.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_delete_module, MODULE.as_ptr(), libc::O_NONBLOCK) };
+        let took = started.elapsed();
+        if rc == 0 {
+            if Path::new("/sys/module/fencelab_drm").exists() {
+                anyhow::bail!(
+                    "delete_module succeeded but /sys/module/fencelab_drm is still there"
+                );
+            }
+            return Ok(took);
+        }
+        let err = io::Error::last_os_error();
+        let busy = matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY));
+        if !busy || Instant::now() >= deadline {
+            anyhow::bail!("rmmod {}: {err}", MODULE.to_string_lossy());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `SYNC_IOC_SET_DEADLINE`, `ahead` from now on CLOCK_MONOTONIC.
+fn set_deadline(fence: BorrowedFd<'_>, ahead: Duration) -> io::Result<()> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let mut arg = uapi::SyncSetDeadline {
+        deadline_ns: now_ns + ahead.as_nanos() as u64,
+        pad: 0,
+    };
+    // SAFETY: SYNC_IOC_SET_DEADLINE takes a `struct sync_set_deadline *`,
+    // which holds no pointers.
+    unsafe { uapi::ioctl(fence, uapi::SYNC_IOC_SET_DEADLINE, &mut arg)? };
+    Ok(())
+}
+
+/// Logs the names the first fence reports while its driver is loaded.
+fn log_names(out: &mut Outcome, fence: BorrowedFd<'_>, seqno: u64) {
+    if let Ok(info) = sync_file::file_info(fence) {
+        if let Some(f) = info.fences.first() {
+            eprintln!(
+                "fence-hammer: {NAME}: first fence (seqno {seqno}): driver {:?}, timeline {:?}",
+                f.driver, f.timeline
+            );
+            out.timeline_name = Some(f.timeline.clone());
+        }
+    }
+}
+
+/// The closing lines: the figures of the run.
+fn report(f: &Figures, out: &Outcome) {
+    let mut ms = f.unload_ms.clone();
+    ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        if ms.is_empty() {
+            0.0
+        } else {
+            ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1]
+        }
+    };
+    eprintln!(
+        "fence-hammer: {NAME}: {} rounds, {} fences ({} with deadlines): {} completed by the device, {} cut off by the unload (-ENODEV), {} errors, {} unsignaled",
+        f.rounds,
+        out.counts.submitted,
+        f.deadlines_set,
+        f.completed,
+        f.cut_off,
+        out.counts.errors,
+        out.counts.timeouts
+    );
+    eprintln!(
+        "fence-hammer: {NAME}: pending at rmmod min {} max {}; rmmod ms p50 {:.1} p99 {:.1} max {:.1}",
+        f.min_pending.unwrap_or(0),
+        f.max_pending,
+        pick(0.5),
+        pick(0.99),
+        pick(1.0)
+    );
+    eprintln!(
+        "fence-hammer: {NAME}: driver counted {} ordering violations, {} job timeouts, {} deadline hints sent, {} dropped (debugfs, before each unload)",
+        f.driver.ordering_violations,
+        f.driver.timeouts,
+        f.driver.hints_sent,
+        f.driver.hints_dropped
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_totals_parse_the_debugfs_line() {
+        let text = "device_ctx fence_ctx last_submitted\n1 5 3 2 1 2 0 0 1\ntotal submitted=3 completed=2 errors=0 timeouts=4 cancelled=0 ordering_violations=7 pending=1 late_answers=0 bad_answers=0 unfenced_errors=0 hints_sent=9 hints_dropped=2\n";
+        let t = DriverTotals::parse(text).unwrap();
+        assert_eq!(
+            (
+                t.ordering_violations,
+                t.timeouts,
+                t.hints_sent,
+                t.hints_dropped
+            ),
+            (7, 4, 9, 2)
+        );
+        assert!(DriverTotals::parse("no totals here").is_none());
+        assert!(DriverTotals::parse("total submitted=1").is_none());
+    }
+}
