@@ -358,6 +358,37 @@ mod tests {
     }
 
     #[test]
+    fn driver_flags_parse() {
+        let cli = Cli::try_parse_from(["fence-hammer"]).unwrap();
+        assert_eq!(
+            (cli.driver, cli.timelines, cli.rounds),
+            (Driver::VirtioGpu, None, 50)
+        );
+        let cli = Cli::try_parse_from([
+            "fence-hammer",
+            "--driver",
+            "fencelab",
+            "--timelines",
+            "4",
+            "--rounds",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.driver, cli.timelines, cli.rounds),
+            (Driver::Fencelab, Some(4), 10)
+        );
+        assert_eq!(
+            Cli::try_parse_from(["fence-hammer", "--driver", "virtio_gpu"])
+                .unwrap()
+                .driver,
+            Driver::VirtioGpu
+        );
+        assert!(Cli::try_parse_from(["fence-hammer", "--driver", "nouveau"]).is_err());
+        assert!(Cli::try_parse_from(["fence-hammer", "--timelines", "0"]).is_err());
+    }
+
+    #[test]
     fn zero_inflight_and_zero_fences_are_refused() {
         assert!(Cli::try_parse_from(["fence-hammer", "--inflight", "0"]).is_err());
         assert!(Cli::try_parse_from(["fence-hammer", "--fences", "0"]).is_err());
