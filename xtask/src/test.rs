@@ -91,6 +91,10 @@ fn plan_boots() -> Result<()> {
             ..BootArgs::default()
         };
         let summary = boot::execute(&args)?;
+        if crate::supervise::was_interrupted() {
+            crate::report::print(&summary, false);
+            bail!("interrupted during plan {name}; the remaining plans were not booted");
+        }
         let findings: Vec<String> = summary
             .findings
             .iter()
