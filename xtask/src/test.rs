@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the README's test command and what CI runs. The
 //! workspace's unit tests first (fast, no QEMU), then a real boot smoke test
 //! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
-//! a boot with each example fault plan, the harness fault test, then the
+//! a boot with each example fault plan, boots with the fencelab_drm driver
+//! (smoke, unload-live, deadlines), the harness fault test, then the
 //! KUnit suites of the kernel patch series on the same kernel.
 
 use crate::boot::{self, BootArgs};
@@ -36,6 +37,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     println!("boot-smoke: 1 passed, 0 failed");
     plan_boots()?;
+    fencelab_drm_boots()?;
     backend_death_is_reported()?;
     eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
     crate::kunit::run(&crate::kunit::KunitArgs::default())
@@ -120,6 +122,96 @@ fn plan_boots() -> Result<()> {
     println!("plans: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} plan boot(s) failed; their FAILURE lines are above");
+    }
+    Ok(())
+}
+
+/// One boot of the `fencelab_drm` stage: what it runs, and what must hold
+/// beyond the boot's own verdict.
+struct DriverBoot {
+    name: &'static str,
+    args: BootArgs,
+    /// The device must have pulled fences in on the guest's deadlines.
+    expect_boosts: bool,
+}
+
+/// Boots the guest with fencelab_drm instead of virtio_gpu: smoke, a short
+/// unload-live (rmmod with fences pending and their sync_files open, then
+/// FILE_INFO/poll on each), and unload-live against the deadline-boost plan,
+/// which must show the guest's `SYNC_IOC_SET_DEADLINE` reaching the device
+/// as boosts.
+fn fencelab_drm_boots() -> Result<()> {
+    use crate::boot::Driver;
+    let root = paths::workspace_root();
+    let unload = |fences: u32, rounds: u32| BootArgs {
+        driver: Driver::Fencelab,
+        workload: "unload-live".into(),
+        fences: Some(fences),
+        hammer_args: vec![format!("--rounds={rounds}")],
+        ..BootArgs::default()
+    };
+    let boots = [
+        DriverBoot {
+            name: "smoke",
+            args: BootArgs {
+                driver: Driver::Fencelab,
+                fences: Some(PLAN_FENCES),
+                ..BootArgs::default()
+            },
+            expect_boosts: false,
+        },
+        DriverBoot {
+            name: "unload-live",
+            args: unload(1000, 5),
+            expect_boosts: false,
+        },
+        DriverBoot {
+            name: "unload-live + deadline-boost.toml",
+            args: BootArgs {
+                plan: Some(root.join("device/plans/deadline-boost.toml")),
+                seed: Some(PLAN_SEED),
+                ..unload(400, 2)
+            },
+            expect_boosts: true,
+        },
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for boot in boots {
+        eprintln!("test: fencelab_drm {}", boot.name);
+        let summary = boot::execute(&boot.args)?;
+        if crate::supervise::was_interrupted() {
+            crate::report::print(&summary, false);
+            bail!("interrupted during fencelab_drm {}", boot.name);
+        }
+        let boosts = summary
+            .device
+            .as_ref()
+            .and_then(|d| d.accounting.as_ref())
+            .map_or(0, |a| a.deadline_boosts);
+        let mut problems = Vec::new();
+        if !summary.ok {
+            problems.push("the boot failed (FAILURE lines above)".to_string());
+        }
+        if boot.expect_boosts && boosts == 0 {
+            problems.push(
+                "the device boosted no fence: deadlines set in the guest did not reach it".into(),
+            );
+        }
+        if problems.is_empty() {
+            passed += 1;
+            println!(
+                "fencelab_drm {}: PASS ({} fences, {boosts} deadline boosts)",
+                boot.name, summary.fences_signaled
+            );
+        } else {
+            failed += 1;
+            crate::report::print(&summary, false);
+            println!("fencelab_drm {}: FAIL: {}", boot.name, problems.join("; "));
+        }
+    }
+    println!("fencelab_drm: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} fencelab_drm boot(s) failed");
     }
     Ok(())
 }
