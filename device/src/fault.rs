@@ -272,6 +272,11 @@ pub enum TraceEvent {
         /// Values written by `WRITE` ops just before (guest address, u64).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         writes: Vec<(u64, u64)>,
+        /// Returned early because the queue stopped or the device reset:
+        /// before the engine would have let it go (see
+        /// [`Accounting::flushed`]). Written only when true.
+        #[serde(default, skip_serializing_if = "is_false")]
+        flushed: bool,
     },
     /// A hung fence was released over the control plane.
     Release {
@@ -315,6 +320,10 @@ pub enum TraceEvent {
     },
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// Where trace events go. Implementations must be cheap to call from the
 /// vring and engine threads.
 pub trait Tracer: Send + Sync {
@@ -343,6 +352,13 @@ pub struct Accounting {
     pub completed: u64,
     /// Of `completed`, answered with an error response.
     pub errored: u64,
+    /// Of `completed`, returned early because the queue stopped or the
+    /// device reset: before their due time, while held behind their
+    /// timeline's order or reorder block, or while completions were paused.
+    /// The guest driver resetting the device usually signals these itself
+    /// (with an error) first.
+    #[serde(default)]
+    pub flushed: u64,
     /// Hung now (forever or until released).
     pub hung: u64,
     /// Scheduled, not yet due or waiting on their timeline.
@@ -422,5 +438,46 @@ mod tests {
         let line = serde_json::to_string(&ev).unwrap();
         assert!(line.starts_with("{\"event\":\"decide\""), "{line}");
         assert_eq!(serde_json::from_str::<TraceEvent>(&line).unwrap(), ev);
+    }
+
+    #[test]
+    fn flushed_is_written_only_when_true_and_read_as_false_when_absent() {
+        let line = r#"{"event":"complete","t_ns":1,"timeline":"1.0","fence":2,"due_ns":3,"response":4352}"#;
+        let ev: TraceEvent = serde_json::from_str(line).unwrap();
+        assert!(matches!(ev, TraceEvent::Complete { flushed: false, .. }));
+        assert!(!serde_json::to_string(&ev).unwrap().contains("flushed"));
+        let TraceEvent::Complete {
+            t_ns,
+            timeline,
+            fence,
+            due_ns,
+            response,
+            writes,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        let early = TraceEvent::Complete {
+            t_ns,
+            timeline,
+            fence,
+            due_ns,
+            response,
+            writes,
+            flushed: true,
+        };
+        let line = serde_json::to_string(&early).unwrap();
+        assert!(line.ends_with(",\"flushed\":true}"), "{line}");
+        assert_eq!(serde_json::from_str::<TraceEvent>(&line).unwrap(), early);
+    }
+
+    #[test]
+    fn accounting_without_flushed_reads_as_zero() {
+        let a: Accounting = serde_json::from_str(
+            r#"{"submitted":2,"completed":2,"errored":0,"hung":0,"pending":0,"abandoned":0,"released":0,"irq_dropped":0,"irq_spurious":0,"deadline_hints":0,"deadline_boosts":0}"#,
+        )
+        .unwrap();
+        assert_eq!((a.completed, a.flushed), (2, 0));
     }
 }

@@ -29,6 +29,20 @@ pub struct FenceTag {
     pub command: &'static str,
 }
 
+/// How a fence went back to the guest, for [`Stats::fence_completed`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Answered with an error response.
+    pub errored: bool,
+    /// Returned early by a queue stop or device reset
+    /// ([`Accounting::flushed`]).
+    pub flushed: bool,
+    /// Due − arrival; `None` for a released fence, which had no due time.
+    pub injected_ns: Option<u64>,
+    /// Completion − arrival.
+    pub observed_ns: u64,
+}
+
 /// The device's counters. Cheap to update from the vring and engine threads.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -149,28 +163,23 @@ impl Stats {
         });
     }
 
-    /// A pending fence went back to the guest. `injected_ns`: due − arrival
-    /// (`None` for a released fence, which had no due time);
-    /// `observed_ns`: completion − arrival.
-    pub fn fence_completed(
-        &self,
-        tag: FenceTag,
-        errored: bool,
-        injected_ns: Option<u64>,
-        observed_ns: u64,
-    ) {
+    /// A pending fence went back to the guest.
+    pub fn fence_completed(&self, tag: FenceTag, c: Completion) {
         let mut inner = lock(&self.inner);
         let tl = inner.fence(tag, |a| {
             dec(&mut a.pending);
             a.completed += 1;
-            if errored {
+            if c.errored {
                 a.errored += 1;
             }
+            if c.flushed {
+                a.flushed += 1;
+            }
         });
-        if let Some(ns) = injected_ns {
+        if let Some(ns) = c.injected_ns {
             tl.injected_us.record_ns(ns);
         }
-        tl.observed_us.record_ns(observed_ns);
+        tl.observed_us.record_ns(c.observed_ns);
     }
 
     /// A hung fence was released: it is pending again until it completes.
@@ -348,7 +357,15 @@ mod tests {
         s.command("SUBMIT_3D");
         s.command("GET_EDID");
         s.fence_submitted(tag(1), false);
-        s.fence_completed(tag(1), true, Some(1_000), 2_000);
+        s.fence_completed(
+            tag(1),
+            Completion {
+                errored: true,
+                injected_ns: Some(1_000),
+                observed_ns: 2_000,
+                ..Completion::default()
+            },
+        );
         s.error_response();
         let j = s.summary();
         assert_eq!(j["commands"], 3);
@@ -359,6 +376,7 @@ mod tests {
         assert_eq!(j["dropped"], 0);
         assert_eq!(j["fences_pending"], 0);
         assert_eq!(j["accounting"]["errored"], 1);
+        assert_eq!(j["accounting"]["flushed"], 0);
         assert_eq!(j["accounting_by_command"][SUBMIT]["completed"], 1);
         assert_eq!(j["timelines"]["1.0"]["completed"], 1);
     }
@@ -372,8 +390,22 @@ mod tests {
         s.fence_submitted(b, true);
         s.fence_submitted(b, false);
         s.fence_released(a);
-        s.fence_completed(a, false, None, 10);
-        s.fence_completed(a, false, Some(5), 10);
+        s.fence_completed(
+            a,
+            Completion {
+                observed_ns: 10,
+                ..Completion::default()
+            },
+        );
+        s.fence_completed(
+            a,
+            Completion {
+                flushed: true,
+                injected_ns: Some(5),
+                observed_ns: 10,
+                ..Completion::default()
+            },
+        );
         s.fence_abandoned(b, true);
         s.irq_dropped(b);
         s.irq_spurious(a);
@@ -387,15 +419,17 @@ mod tests {
             (4, 2, 1, 0)
         );
         assert_eq!((total.abandoned, total.released), (1, 1));
+        assert_eq!((total.flushed, total.errored), (1, 0));
         assert_eq!((total.deadline_hints, total.deadline_boosts), (2, 1));
         let tls = s.accounting_by_timeline();
         assert!(tls.values().all(holds));
         assert_eq!(tls[&b.timeline].deadline_hints, 1, "unknown hint not here");
         assert_eq!(tls[&b.timeline].irq_dropped, 1);
+        assert_eq!((tls[&a.timeline].flushed, tls[&b.timeline].flushed), (1, 0));
         assert_eq!(tls[&a.timeline].irq_spurious, 1);
         let cmds = s.accounting_by_command();
         assert!(cmds.values().all(holds));
-        assert_eq!(cmds[SUBMIT].submitted, 4);
+        assert_eq!((cmds[SUBMIT].submitted, cmds[SUBMIT].flushed), (4, 1));
         assert_eq!(s.fences_outstanding(), 1);
     }
 
@@ -404,7 +438,14 @@ mod tests {
         let s = Stats::new();
         for ms in 1..=100u64 {
             s.fence_submitted(tag(3), false);
-            s.fence_completed(tag(3), false, Some(ms * 1_000_000), ms * 1_000_000 + 7_000);
+            s.fence_completed(
+                tag(3),
+                Completion {
+                    injected_ns: Some(ms * 1_000_000),
+                    observed_ns: ms * 1_000_000 + 7_000,
+                    ..Completion::default()
+                },
+            );
         }
         let j = s.json();
         let inj = &j["timelines"]["3.0"]["injected_us"];

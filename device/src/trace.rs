@@ -548,6 +548,7 @@ error = "ERR_INVALID_PARAMETER"
                 due_ns: None,
                 response: 0x1100,
                 writes: vec![(0x1000, 7)],
+                flushed: true,
             },
             TraceEvent::Release {
                 t_ns: 3,

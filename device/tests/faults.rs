@@ -186,6 +186,58 @@ fn stopping_the_queue_returns_pending_fences_and_keeps_hung_ones() {
     assert_eq!(rig.wait_fences(1), vec![1]);
     let a = rig.gpu.accounting();
     assert_eq!((a.completed, a.hung, a.pending), (1, 1, 0));
+    assert_eq!(a.flushed, 1, "returned an hour early");
+    assert_eq!(flushed_completions(&rig), vec![(1, true)]);
+    rig.finish();
+}
+
+/// (fence, flushed) of every traced completion, in order.
+fn flushed_completions(rig: &Rig) -> Vec<(u64, bool)> {
+    rig.trace
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            TraceEvent::Complete { fence, flushed, .. } => Some((fence, flushed)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_device_reset_counts_the_fences_it_returned_early_as_flushed() {
+    let script = Script::table(
+        vec![(1, latency(Duration::from_millis(1)))],
+        latency(Duration::from_secs(3600)),
+    );
+    let mut rig = Rig::start("reset-flush", script, false);
+    rig.ctx_create(2);
+    rig.post_fenced(1, None, 1, &[]);
+    rig.post_fenced(1, None, 2, &[]);
+    rig.post_fenced(2, None, 3, &[]);
+    rig.kick();
+    assert_eq!(rig.wait_fences(1), vec![1], "1 ms, in its own time");
+    rig.wait_completions(1);
+    assert_eq!(rig.gpu.accounting().flushed, 0);
+
+    rig.fe.reset_device().unwrap();
+    let mut early = rig.wait_fences(2);
+    early.sort_unstable();
+    assert_eq!(early, vec![2, 3]);
+    let a = rig.gpu.accounting();
+    assert!(holds(&a), "{a:?}");
+    assert_eq!((a.submitted, a.completed, a.flushed), (3, 3, 2));
+    let mut traced = flushed_completions(&rig);
+    traced.sort_unstable();
+    assert_eq!(traced, vec![(1, false), (2, true), (3, true)]);
+    let s = rig.gpu.summary();
+    assert_eq!(s["accounting_by_command"]["SUBMIT_3D"]["flushed"], 2);
+    assert_eq!(
+        (
+            s["timelines"]["1.0"]["flushed"].as_u64(),
+            s["timelines"]["2.0"]["flushed"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
     rig.finish();
 }
 
@@ -438,6 +490,7 @@ fn accounting_adds_up_after_a_mixed_run() {
         (9, 7, 2, 2)
     );
     assert_eq!((total.released, total.irq_dropped), (1, 1));
+    assert_eq!(total.flushed, 0, "nothing was returned early");
     assert_eq!((total.deadline_hints, total.deadline_boosts), (2, 0));
 
     let s = rig.gpu.summary();

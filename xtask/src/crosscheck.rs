@@ -10,7 +10,9 @@
 //!
 //! Required equalities (a mismatch fails the boot):
 //! 1. the device's own invariant, for the totals, for `SUBMIT_3D` and for
-//!    every timeline: `submitted == completed + hung + pending + abandoned`;
+//!    every timeline: `submitted == completed + hung + pending + abandoned`,
+//!    and `errored` and `flushed` (fences returned early by a queue stop or
+//!    reset) are parts of `completed`;
 //! 2. `D.submitted == G.fences_submitted - G.submit_failures`: every
 //!    EXECBUFFER that returned a fence reached the device, nothing else did;
 //! 3. when the run is complete (no guest timeouts or errors) and the device
@@ -161,6 +163,14 @@ fn invariant(what: &str, a: &Accounting, failures: &mut Vec<String>) {
             a.accounted()
         ));
     }
+    for (part, name) in [(a.errored, "errored"), (a.flushed, "flushed")] {
+        if part > a.completed {
+            failures.push(format!(
+                "accounting: device {what}: {part} {name} but only {} completed",
+                a.completed
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +247,23 @@ mod tests {
         assert_eq!(v.failures.len(), 2, "{:?}", v.failures);
         assert!(v.failures[0].starts_with("accounting: device all commands: 105 submitted"));
         assert!(v.failures[1].contains("timeline 0.0: 3 submitted but 2 completed"));
+    }
+
+    #[test]
+    fn flushed_fences_are_part_of_completed() {
+        let flushed = |n| Accounting {
+            flushed: n,
+            ..acct(100, 100)
+        };
+        let v = check(Some(&guest(100, 100)), &device(flushed(97)));
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        let v = check(Some(&guest(100, 100)), &device(flushed(101)));
+        assert_eq!(v.failures.len(), 2, "SUBMIT_3D and its timeline");
+        assert!(
+            v.failures[0].contains("SUBMIT_3D: 101 flushed but only 100 completed"),
+            "{:?}",
+            v.failures
+        );
     }
 
     #[test]

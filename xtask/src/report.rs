@@ -63,13 +63,17 @@ impl GuestResult {
 
 /// The device's fence accounting (`fault::Accounting` in fencelab-device):
 /// every fence it accepted is in exactly one of `completed`, `hung`,
-/// `pending` or `abandoned`.
+/// `pending` or `abandoned`; `errored` and `flushed` are parts of
+/// `completed`. A key the device does not write reads as 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Accounting {
     pub submitted: u64,
     pub completed: u64,
     pub errored: u64,
+    /// Of `completed`, returned early because the control queue stopped or
+    /// the device reset (e.g. the guest unloaded its driver).
+    pub flushed: u64,
     pub hung: u64,
     pub pending: u64,
     pub abandoned: u64,
@@ -90,6 +94,7 @@ impl Accounting {
         let mut s = format!("{} submitted, {} completed", self.submitted, self.completed);
         for (n, what) in [
             (self.errored, "errored"),
+            (self.flushed, "flushed early (queue stop/reset)"),
             (self.hung, "hung"),
             (self.pending, "pending"),
             (self.abandoned, "abandoned"),
@@ -535,5 +540,36 @@ mod tests {
             a.one_line(),
             "10 submitted, 8 completed, 2 hung, 1 irq dropped"
         );
+        let flushed = Accounting {
+            submitted: 10,
+            completed: 10,
+            flushed: 9,
+            ..Accounting::default()
+        };
+        assert_eq!(
+            flushed.one_line(),
+            "10 submitted, 10 completed, 9 flushed early (queue stop/reset)"
+        );
+    }
+
+    #[test]
+    fn device_accounting_reads_flushed_and_tolerates_its_absence() {
+        let old: DeviceSummary = serde_json::from_str(
+            r#"{"fences_submitted":3,"fences_completed":3,
+                "accounting":{"submitted":3,"completed":3,"errored":1},
+                "accounting_by_command":{"SUBMIT_3D":{"submitted":3,"completed":3}}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.accounting.unwrap().flushed, 0);
+        assert_eq!(old.accounting.unwrap().errored, 1);
+        let new: DeviceSummary = serde_json::from_str(
+            r#"{"fences_submitted":3,"fences_completed":3,
+                "accounting_by_command":{"SUBMIT_3D":{"submitted":3,"completed":3,"flushed":2}},
+                "timelines":{"1.0":{"submitted":3,"completed":3,"flushed":2}}}"#,
+        )
+        .unwrap();
+        assert_eq!(new.submit_3d().unwrap().flushed, 2);
+        assert_eq!(new.timelines["1.0"].flushed, 2);
+        assert!(device_fences(Some(&new)).contains("2 flushed early"));
     }
 }

@@ -30,7 +30,7 @@ use crate::fault::{
     DeadlineOutcome, Decision, Hang, IrqFault, ReleaseTarget, ReorderSlot, TimelineId, TraceEvent,
     Tracer,
 };
-use crate::stats::{FenceTag, Stats};
+use crate::stats::{Completion, FenceTag, Stats};
 
 use super::Key;
 use super::block::{Block, Next, Pick};
@@ -219,6 +219,30 @@ impl Timeline {
                 }
             }
         }
+        out
+    }
+
+    /// Empties the FIFO in the order the engine would have completed it,
+    /// each fence paired with whether it was held at `now`: its turn (its
+    /// own allowed time, and no earlier than the fence before it) had not
+    /// come, or completions were `paused`. Members of a block still waiting
+    /// for lower ranks that never arrived come last, held.
+    fn drain<T>(
+        &mut self,
+        fences: &HashMap<Key, Fence<T>>,
+        now: u64,
+        paused: bool,
+    ) -> Vec<(Key, bool)> {
+        let mut out = Vec::new();
+        let mut turn = 0;
+        while let Some((at, key, pick)) = self.candidate(fences) {
+            turn = turn.max(at);
+            self.take(pick);
+            out.push((key, paused || turn > now));
+        }
+        out.extend(self.all_queued().into_iter().map(|k| (k, true)));
+        self.units.clear();
+        self.wake_at = None;
         out
     }
 
@@ -517,7 +541,7 @@ impl<T> Scheduler<T> {
                             .get(&key)
                             .is_some_and(|f| matches!(f.state, State::HungFor | State::Released));
                         if timed {
-                            self.complete(key, now, sink);
+                            self.complete(key, now, sink, false);
                         }
                     }
                 }
@@ -544,7 +568,7 @@ impl<T> Scheduler<T> {
         match t.candidate(&self.fences) {
             Some((at, key, pick)) if at <= woke_at => {
                 t.take(pick);
-                self.complete(key, now, sink);
+                self.complete(key, now, sink, false);
             }
             Some((at, ..)) => {
                 self.schedule_wake(tl, at);
@@ -569,7 +593,9 @@ impl<T> Scheduler<T> {
         }
     }
 
-    fn complete(&mut self, key: Key, now: u64, sink: &mut impl Sink<Item = T>) {
+    /// Returns fence `key` to the guest; `flushed`: early, by a queue stop
+    /// or reset.
+    fn complete(&mut self, key: Key, now: u64, sink: &mut impl Sink<Item = T>, flushed: bool) {
         let Some(f) = self.fences.remove(&key) else {
             return;
         };
@@ -582,9 +608,12 @@ impl<T> Scheduler<T> {
             Ok(writes) => {
                 self.stats.fence_completed(
                     f.tag,
-                    f.errored,
-                    due_ns.map(|d| d.saturating_sub(f.arrival_ns)),
-                    now.saturating_sub(f.arrival_ns),
+                    Completion {
+                        errored: f.errored,
+                        flushed,
+                        injected_ns: due_ns.map(|d| d.saturating_sub(f.arrival_ns)),
+                        observed_ns: now.saturating_sub(f.arrival_ns),
+                    },
                 );
                 self.irq.landed(now, f.irq, f.tag);
                 // Last: whoever sees the trace event sees the counts too.
@@ -595,6 +624,7 @@ impl<T> Scheduler<T> {
                     due_ns,
                     response: f.response,
                     writes,
+                    flushed,
                 });
             }
             Err(e) => {
@@ -614,25 +644,24 @@ impl<T> Scheduler<T> {
 
     /// Completes every fence that is not hung forever or until released,
     /// now, ignoring due times, holds and pause: timeline by timeline in
-    /// FIFO (and block rank) order, then the timed ones. Hung fences stay.
-    /// Then one notify covers everything.
+    /// the order the engine would have completed them, then the timed ones.
+    /// Hung fences stay. Those the engine would not have let go yet are
+    /// counted and traced as flushed. Then one notify covers everything.
     pub fn flush(&mut self, now: u64, sink: &mut impl Sink<Item = T>) {
         let mut order = Vec::new();
         for t in self.timelines.values_mut() {
-            order.extend(t.all_queued());
-            t.units.clear();
-            t.wake_at = None;
+            order.extend(t.drain(&self.fences, now, self.paused));
         }
-        let mut timed: Vec<Key> = self
+        let mut timed: Vec<(Key, bool)> = self
             .fences
             .iter()
             .filter(|(_, f)| matches!(f.state, State::HungFor | State::Released))
-            .map(|(k, _)| *k)
+            .map(|(k, f)| (*k, self.paused || f.due_ns > now))
             .collect();
         timed.sort_unstable();
         order.extend(timed);
-        for key in order {
-            self.complete(key, now, sink);
+        for (key, flushed) in order {
+            self.complete(key, now, sink, flushed);
         }
         self.timers.clear();
         self.irq.flush(now, sink);

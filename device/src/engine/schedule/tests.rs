@@ -389,6 +389,77 @@ fn flush_completes_all_but_the_hung_and_notifies_once() {
     assert_eq!(r.at(2), vec![5]);
 }
 
+/// (fence, flushed) of every completion traced.
+fn flushed_flags(r: &Rig) -> Vec<(u64, bool)> {
+    r.log
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            TraceEvent::Complete { fence, flushed, .. } => Some((fence, flushed)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn flush_counts_only_the_fences_it_returned_early() {
+    let mut r = Rig::new();
+    r.submit(0, 1, 1, latency(0));
+    r.submit(0, 2, 2, latency(10));
+    r.submit(0, 2, 3, latency(0));
+    r.submit(0, 3, 4, hang(0, Hang::For { ns: 5 * MS }));
+    r.submit(0, 3, 5, hang(0, Hang::UntilReleased));
+    r.submit(0, 4, 6, reorder(0, 1, 2, 1, 3));
+    assert_eq!(r.s.release(MS, ReleaseTarget::All), Ok(1));
+    r.sink.now = 2 * MS;
+    r.s.flush(2 * MS, &mut r.sink);
+    assert_eq!(
+        flushed_flags(&r),
+        vec![
+            (1, false), // due at 0: the engine only had not run yet
+            (2, true),  // due at 10 ms
+            (3, true),  // due, but its turn comes after 2's
+            (6, true),  // rank 1 waits up to 3 ms for rank 0
+            (4, true),  // hung for 5 ms
+            (5, false), // released at 1 ms
+        ]
+    );
+    let total = r.stats.accounting();
+    assert_eq!((total.completed, total.flushed), (6, 4));
+    assert!(holds(&total), "{total:?}");
+    let tls = r.stats.accounting_by_timeline();
+    let flushed: Vec<u64> = tls.values().map(|a| a.flushed).collect();
+    assert_eq!(flushed, vec![0, 2, 1, 1]);
+    assert_eq!(r.stats.accounting_by_command()[SUBMIT].flushed, 4);
+}
+
+#[test]
+fn a_flush_while_paused_returns_everything_early() {
+    let mut r = Rig::new();
+    r.submit(0, 1, 1, latency(0));
+    r.s.set_paused(0, true, &mut r.sink);
+    r.submit(0, 1, 2, latency(0));
+    assert!(r.at(MS).is_empty(), "paused");
+    r.s.flush(MS, &mut r.sink);
+    assert_eq!(flushed_flags(&r), vec![(1, true), (2, true)]);
+    assert_eq!(r.stats.accounting().flushed, 2);
+}
+
+#[test]
+fn a_reset_flushes_too_and_on_time_completions_are_not_flushed() {
+    let mut r = Rig::new();
+    r.submit(0, 1, 1, latency(1));
+    r.submit(0, 2, 2, hang(0, Hang::For { ns: MS }));
+    r.submit(0, 3, 3, latency(100));
+    r.at(5 * MS);
+    r.s.reset(10 * MS, &mut r.sink);
+    let mut flags = flushed_flags(&r);
+    flags.sort_unstable();
+    assert_eq!(flags, vec![(1, false), (2, false), (3, true)]);
+    let total = r.stats.accounting();
+    assert_eq!((total.completed, total.flushed), (3, 1));
+}
+
 #[test]
 fn interrupts_follow_each_completions_fault() {
     let mut r = Rig::new();
