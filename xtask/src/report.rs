@@ -9,12 +9,122 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Round-trip percentiles reported by fence-hammer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Round-trip percentiles reported by fence-hammer; `None` (JSON `null`)
+/// when no fence signaled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RoundTrip {
-    pub p50: u64,
-    pub p99: u64,
-    pub max: u64,
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl RoundTrip {
+    /// `p50 A · p99 B · max C`, `-` for what was not measured.
+    pub fn one_line(&self) -> String {
+        format!(
+            "p50 {} · p99 {} · max {}",
+            or_dash(self.p50),
+            or_dash(self.p99),
+            or_dash(self.max)
+        )
+    }
+}
+
+/// Millisecond percentiles reported by fence-hammer; `None` when nothing
+/// was measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MsPercentiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// Fences pending right before the `rmmod`s of `unload-live`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PendingAtRmmod {
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    pub total: u64,
+}
+
+/// fencelab_drm's debugfs totals summed over the `unload-live` rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DriverTotals {
+    pub ordering_violations: u64,
+    pub timeouts: u64,
+    pub hints_sent: u64,
+    pub hints_dropped: u64,
+}
+
+/// The `unload` object of an `unload-live` result: what happened to the
+/// fences at the module unloads. A key fence-hammer does not write reads as
+/// 0 / null.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Unload {
+    pub rounds: u64,
+    pub pending_at_rmmod: PendingAtRmmod,
+    /// Signaled successfully: the device completed them before the unload.
+    pub completed_before_rmmod: u64,
+    /// Signaled with `-ENODEV` by the unloading driver.
+    pub cut_off_enodev: u64,
+    /// Signaled with another error, or FILE_INFO failed (must be 0).
+    pub other_errors: u64,
+    /// Not signaled after the unload (must be 0).
+    pub unsignaled_after_rmmod: u64,
+    pub deadlines_set: u64,
+    pub rmmod_ms: MsPercentiles,
+    /// `modprobe` to the first fence SUBMIT returned (rounds after the first).
+    pub load_to_first_submit_ms: MsPercentiles,
+    pub driver: DriverTotals,
+}
+
+impl Unload {
+    /// The table row: a few lines.
+    pub fn lines(&self) -> String {
+        let p = &self.pending_at_rmmod;
+        let ms = |m: &MsPercentiles| {
+            format!(
+                "p50 {} · p99 {} · max {}",
+                ms_or_dash(m.p50),
+                ms_or_dash(m.p99),
+                ms_or_dash(m.max)
+            )
+        };
+        format!(
+            "{} rounds; pending at rmmod min {} · max {} · total {}\n\
+             after rmmod: {} completed before it, {} cut off (-ENODEV), {} other errors, {} unsignaled\n\
+             rmmod ms {}; load → first submit ms {}\n\
+             driver: {} ordering violations, {} job timeouts, {} deadline hints sent ({} set), {} dropped",
+            self.rounds,
+            or_dash(p.min),
+            or_dash(p.max),
+            p.total,
+            self.completed_before_rmmod,
+            self.cut_off_enodev,
+            self.other_errors,
+            self.unsignaled_after_rmmod,
+            ms(&self.rmmod_ms),
+            ms(&self.load_to_first_submit_ms),
+            self.driver.ordering_violations,
+            self.driver.timeouts,
+            self.driver.hints_sent,
+            self.deadlines_set,
+            self.driver.hints_dropped,
+        )
+    }
+}
+
+fn or_dash(x: Option<u64>) -> String {
+    x.map_or("-".into(), |v| v.to_string())
+}
+
+fn ms_or_dash(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.1}"))
 }
 
 /// fence-hammer's `FENCELAB_RESULT` line.
@@ -50,6 +160,9 @@ pub struct GuestResult {
     /// EXECBUFFER ioctls that failed: these never reached the device.
     #[serde(default)]
     pub submit_failures: u64,
+    /// `unload-live`'s figures; `None` for the other workloads.
+    #[serde(default)]
+    pub unload: Option<Unload>,
     pub ok: bool,
 }
 
@@ -214,6 +327,8 @@ pub struct Summary {
     pub premature_signals: u64,
     pub premature_fences: Vec<u64>,
     pub write_checks: u64,
+    /// `unload-live`'s figures (`null` for the other workloads).
+    pub unload: Option<Unload>,
     pub splats: Vec<String>,
     pub splat_details: Vec<Splat>,
     pub boot_to_result_ms: Option<u64>,
@@ -276,6 +391,7 @@ impl Summary {
             premature_signals: guest_ref.map_or(0, |g| g.premature_signals),
             premature_fences: guest_ref.map_or(Vec::new(), |g| g.premature_fences.clone()),
             write_checks: guest_ref.map_or(0, |g| g.write_checks),
+            unload: guest_ref.and_then(|g| g.unload.clone()),
             splats: console.splats.iter().map(Splat::summary).collect(),
             splat_details: console.splats,
             boot_to_result_ms: run.boot_to_result_ms,
@@ -300,7 +416,7 @@ impl Summary {
 
 /// Prints the table (and the JSON line when asked) to stdout.
 pub fn print(summary: &Summary, json: bool) {
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         (
             "result",
             if summary.ok {
@@ -316,13 +432,7 @@ pub fn print(summary: &Summary, json: bool) {
         ("fence timeouts", summary.fence_timeouts.to_string()),
         ("out of order", summary.out_of_order.to_string()),
         ("fences/s", format!("{:.0}", summary.fences_per_s)),
-        (
-            "round trip µs",
-            format!(
-                "p50 {} · p99 {} · max {}",
-                summary.rtt_us.p50, summary.rtt_us.p99, summary.rtt_us.max
-            ),
-        ),
+        ("round trip µs", summary.rtt_us.one_line()),
         (
             "premature signals",
             if summary.write_checks == 0 {
@@ -401,6 +511,13 @@ pub fn print(summary: &Summary, json: bool) {
         ("run folder", summary.run_dir.display().to_string()),
         ("reproduce", summary.reproduce.clone()),
     ];
+    if let Some(unload) = &summary.unload {
+        let at = rows
+            .iter()
+            .position(|(k, _)| *k == "device fences")
+            .unwrap_or(rows.len());
+        rows.insert(at, ("unload", unload.lines()));
+    }
     let width = rows
         .iter()
         .map(|(k, _)| k.chars().count())
@@ -494,7 +611,8 @@ mod tests {
         let guest: GuestResult = serde_json::from_str(line).unwrap();
         assert!(guest.ok);
         assert_eq!(guest.fences_signaled, 2000);
-        assert_eq!(guest.rtt_us.p99, 2100);
+        assert_eq!(guest.rtt_us.p99, Some(2100));
+        assert_eq!(guest.unload, None);
         assert_eq!((guest.premature_signals, guest.write_checks), (0, 0));
     }
 
@@ -508,6 +626,54 @@ mod tests {
         assert_eq!(guest.premature_fences, vec![3, 4]);
         assert_eq!(guest.write_checks, 9);
         assert_eq!(guest.fences_sent(), 9);
+    }
+
+    #[test]
+    fn null_round_trips_parse_as_not_measured() {
+        let line = r#"{"workload":"smoke","fences_submitted":3,"fences_signaled":0,
+            "fence_errors":0,"fence_timeouts":3,
+            "rtt_us":{"p50":null,"p99":null,"max":null},"ok":false}"#;
+        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        assert_eq!(guest.rtt_us, RoundTrip::default());
+        assert_eq!(guest.rtt_us.one_line(), "p50 - · p99 - · max -");
+        let partial: RoundTrip = serde_json::from_str(r#"{"p50":7}"#).unwrap();
+        assert_eq!(partial.one_line(), "p50 7 · p99 - · max -");
+    }
+
+    #[test]
+    fn the_unload_object_parses_tolerantly() {
+        let line = r#"{"workload":"unload-live","fences_submitted":2000,"fences_signaled":2000,
+            "fence_errors":0,"rtt_us":{"p50":900,"p99":2100,"max":5000},
+            "unload":{"rounds":10,"pending_at_rmmod":{"min":180,"max":199,"total":1900},
+              "completed_before_rmmod":120,"cut_off_enodev":1880,"other_errors":0,
+              "unsignaled_after_rmmod":0,"deadlines_set":1000,
+              "rmmod_ms":{"p50":3.5,"p99":9.25,"max":9.25},
+              "load_to_first_submit_ms":{"p50":null,"p99":null,"max":null},
+              "driver":{"ordering_violations":4,"timeouts":0,"hints_sent":1000,"hints_dropped":0},
+              "a_key_from_the_future":1},
+            "ok":true}"#;
+        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        let u = guest.unload.clone().unwrap();
+        assert_eq!(u.rounds, 10);
+        assert_eq!(u.pending_at_rmmod.total, 1900);
+        assert_eq!(u.cut_off_enodev, 1880);
+        assert_eq!(u.rmmod_ms.p99, Some(9.25));
+        assert_eq!(u.load_to_first_submit_ms.p50, None);
+        assert_eq!(u.driver.ordering_violations, 4);
+        let lines = u.lines();
+        assert!(
+            lines.contains("pending at rmmod min 180 · max 199 · total 1900"),
+            "{lines}"
+        );
+        assert!(lines.contains("1880 cut off (-ENODEV)"), "{lines}");
+        assert!(
+            lines.contains("rmmod ms p50 3.5 · p99 9.2 · max 9.2; load → first submit ms p50 -"),
+            "{lines}"
+        );
+
+        let sparse: Unload = serde_json::from_str(r#"{"rounds":2}"#).unwrap();
+        assert_eq!((sparse.rounds, sparse.cut_off_enodev), (2, 0));
+        assert_eq!(sparse.pending_at_rmmod.min, None);
     }
 
     #[test]

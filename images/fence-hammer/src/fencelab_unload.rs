@@ -18,6 +18,11 @@
 //! unload as a timeout (both break the run). The device plan decides how
 //! many fences are still pending at each unload (the xtask default plan for
 //! this workload makes jobs take hundreds of milliseconds, reordered).
+//!
+//! The result line's `unload` object ([`UnloadReport`]) splits the signaled
+//! fences into those the device completed and those the unload cut off,
+//! with the pending counts at each `rmmod`, the `rmmod` and reload times and
+//! the driver's own counters.
 
 use std::ffi::CStr;
 use std::io;
@@ -27,10 +32,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fencelab_stream::{Op, encode};
+use serde::Serialize;
 
 use crate::fencelab::FencelabNode;
 use crate::fencelab_uapi as fl;
-use crate::report::Outcome;
+use crate::report::{MsPercentiles, Outcome};
 use crate::sync_file::{self, Readiness, Status};
 use crate::uapi;
 
@@ -68,8 +74,8 @@ struct Job {
 }
 
 /// The driver's debugfs totals that the report shows.
-#[derive(Debug, Default, Clone, Copy)]
-struct DriverTotals {
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DriverTotals {
     ordering_violations: u64,
     timeouts: u64,
     hints_sent: u64,
@@ -100,21 +106,88 @@ impl DriverTotals {
     }
 }
 
-/// Figures of the whole run, printed at the end.
+/// Figures of the whole run, printed at the end and reported as
+/// [`UnloadReport`].
 #[derive(Debug, Default)]
 struct Figures {
     rounds: u64,
     completed: u64,
     cut_off: u64,
+    /// Signaled with another error than `-ENODEV`, or FILE_INFO failed.
+    other_errors: u64,
+    /// Not signaled after the unload.
+    unsignaled: u64,
     deadlines_set: u64,
-    min_pending: Option<u64>,
-    max_pending: u64,
+    /// Fences pending at each `rmmod`.
+    pending: Vec<u64>,
     unload_ms: Vec<f64>,
+    /// `modprobe` to the first fence SUBMIT returned, rounds after the first.
+    load_to_first_submit_ms: Vec<f64>,
     driver: DriverTotals,
 }
 
-/// Runs the workload; returns its outcome and the render node it used.
-pub fn run(cfg: &Config) -> (Outcome, String) {
+/// Fences still pending right before the `rmmod`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PendingAtRmmod {
+    /// Null when no round reached its `rmmod`.
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    pub total: u64,
+}
+
+/// The `unload` object of the result line: what happened to the fences at
+/// the unloads. `completed_before_rmmod + cut_off_enodev` fences signaled
+/// (the run's `fences_signaled`); `other_errors` and
+/// `unsignaled_after_rmmod` must be 0.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnloadReport {
+    /// Rounds whose `rmmod` succeeded.
+    pub rounds: u64,
+    pub pending_at_rmmod: PendingAtRmmod,
+    /// Signaled successfully: the device completed them before the unload.
+    pub completed_before_rmmod: u64,
+    /// Signaled with `-ENODEV`: the unload cut them off.
+    pub cut_off_enodev: u64,
+    /// Signaled with another error, or their FILE_INFO failed.
+    pub other_errors: u64,
+    /// Not signaled after the unload.
+    pub unsignaled_after_rmmod: u64,
+    /// Fences given a `SYNC_IOC_SET_DEADLINE`.
+    pub deadlines_set: u64,
+    /// How long each successful `delete_module` call took.
+    pub rmmod_ms: MsPercentiles,
+    /// From `modprobe` to the first fence SUBMIT returned, for each round
+    /// that loaded the module (all but the first).
+    pub load_to_first_submit_ms: MsPercentiles,
+    /// The driver's debugfs totals, summed over the rounds (read before each
+    /// unload).
+    pub driver: DriverTotals,
+}
+
+impl Figures {
+    fn report(&self) -> UnloadReport {
+        UnloadReport {
+            rounds: self.rounds,
+            pending_at_rmmod: PendingAtRmmod {
+                min: self.pending.iter().copied().min(),
+                max: self.pending.iter().copied().max(),
+                total: self.pending.iter().sum(),
+            },
+            completed_before_rmmod: self.completed,
+            cut_off_enodev: self.cut_off,
+            other_errors: self.other_errors,
+            unsignaled_after_rmmod: self.unsignaled,
+            deadlines_set: self.deadlines_set,
+            rmmod_ms: MsPercentiles::from_ms(&self.unload_ms),
+            load_to_first_submit_ms: MsPercentiles::from_ms(&self.load_to_first_submit_ms),
+            driver: self.driver,
+        }
+    }
+}
+
+/// Runs the workload; returns its outcome, the render node it used and its
+/// figures.
+pub fn run(cfg: &Config) -> (Outcome, String, UnloadReport) {
     let mut out = Outcome::default();
     let mut figures = Figures::default();
     let mut device = String::new();
@@ -137,8 +210,9 @@ pub fn run(cfg: &Config) -> (Outcome, String) {
         }
     }
     out.elapsed = start.elapsed();
-    report(&figures, &out);
-    (out, device)
+    let report = figures.report();
+    print_report(&report, &out);
+    (out, device, report)
 }
 
 fn one_round(
@@ -151,7 +225,8 @@ fn one_round(
     device: &mut String,
 ) -> anyhow::Result<()> {
     let label = format!("{NAME}: round {}/{}", round + 1, cfg.rounds);
-    if round > 0 {
+    let loaded_at = (round > 0).then(Instant::now);
+    if loaded_at.is_some() {
         load()?;
     }
     let node = open(cfg)?;
@@ -172,6 +247,13 @@ fn one_round(
         let submitted_at = Instant::now();
         match node.submit_on(timeline, stream, None) {
             Ok(submitted) => {
+                if jobs.is_empty() {
+                    if let Some(t) = loaded_at {
+                        figures
+                            .load_to_first_submit_ms
+                            .push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
                 let with_deadline = i % 2 == 0;
                 if with_deadline {
                     set_deadline(submitted.fence.as_fd(), DEADLINE_AHEAD)?;
@@ -213,8 +295,7 @@ fn one_round(
     let unload = unload()?;
     figures.unload_ms.push(unload.as_secs_f64() * 1e3);
     figures.rounds += 1;
-    figures.max_pending = figures.max_pending.max(pending);
-    figures.min_pending = Some(figures.min_pending.map_or(pending, |m| m.min(pending)));
+    figures.pending.push(pending);
 
     let (mut completed, mut cut_off) = (0, 0);
     for (i, job) in jobs.iter().enumerate() {
@@ -229,6 +310,7 @@ fn one_round(
                 .push(job.submitted_at.elapsed().as_nanos() as u64),
             other => {
                 out.counts.timeouts += 1;
+                figures.unsignaled += 1;
                 out.note_error(format!("{what}: poll says {other:?} after the unload"));
                 continue;
             }
@@ -237,6 +319,7 @@ fn one_round(
             Ok(info) => info,
             Err(e) => {
                 out.counts.errors += 1;
+                figures.other_errors += 1;
                 out.note_error(format!("{what}: {e}"));
                 continue;
             }
@@ -252,6 +335,7 @@ fn one_round(
             }
             Status::Error(e) => {
                 out.counts.errors += 1;
+                figures.other_errors += 1;
                 out.note_error(format!(
                     "{what}: signaled with {} ({e})",
                     io::Error::from_raw_os_error(-e)
@@ -259,6 +343,7 @@ fn one_round(
             }
             Status::Active => {
                 out.counts.timeouts += 1;
+                figures.unsignaled += 1;
                 out.note_error(format!("{what}: FILE_INFO says active after the unload"));
             }
         }
@@ -391,40 +476,35 @@ fn log_names(out: &mut Outcome, fence: BorrowedFd<'_>, seqno: u64) {
 }
 
 /// The closing lines: the figures of the run.
-fn report(f: &Figures, out: &Outcome) {
-    let mut ms = f.unload_ms.clone();
-    ms.sort_by(f64::total_cmp);
-    let pick = |q: f64| {
-        if ms.is_empty() {
-            0.0
-        } else {
-            ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1]
-        }
-    };
+fn print_report(r: &UnloadReport, out: &Outcome) {
+    let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
     eprintln!(
-        "fence-hammer: {NAME}: {} rounds, {} fences ({} with deadlines): {} completed by the device, {} cut off by the unload (-ENODEV), {} errors, {} unsignaled",
-        f.rounds,
+        "fence-hammer: {NAME}: {} rounds, {} fences ({} with deadlines): {} completed by the device, {} cut off by the unload (-ENODEV), {} other errors, {} unsignaled",
+        r.rounds,
         out.counts.submitted,
-        f.deadlines_set,
-        f.completed,
-        f.cut_off,
-        out.counts.errors,
-        out.counts.timeouts
+        r.deadlines_set,
+        r.completed_before_rmmod,
+        r.cut_off_enodev,
+        r.other_errors,
+        r.unsignaled_after_rmmod
     );
     eprintln!(
-        "fence-hammer: {NAME}: pending at rmmod min {} max {}; rmmod ms p50 {:.1} p99 {:.1} max {:.1}",
-        f.min_pending.unwrap_or(0),
-        f.max_pending,
-        pick(0.5),
-        pick(0.99),
-        pick(1.0)
+        "fence-hammer: {NAME}: pending at rmmod min {} max {} total {}; rmmod ms p50 {} p99 {} max {}; load to first submit ms p50 {} max {}",
+        r.pending_at_rmmod.min.unwrap_or(0),
+        r.pending_at_rmmod.max.unwrap_or(0),
+        r.pending_at_rmmod.total,
+        ms(r.rmmod_ms.p50),
+        ms(r.rmmod_ms.p99),
+        ms(r.rmmod_ms.max),
+        ms(r.load_to_first_submit_ms.p50),
+        ms(r.load_to_first_submit_ms.max)
     );
     eprintln!(
         "fence-hammer: {NAME}: driver counted {} ordering violations, {} job timeouts, {} deadline hints sent, {} dropped (debugfs, before each unload)",
-        f.driver.ordering_violations,
-        f.driver.timeouts,
-        f.driver.hints_sent,
-        f.driver.hints_dropped
+        r.driver.ordering_violations,
+        r.driver.timeouts,
+        r.driver.hints_sent,
+        r.driver.hints_dropped
     );
 }
 
@@ -447,5 +527,50 @@ mod tests {
         );
         assert!(DriverTotals::parse("no totals here").is_none());
         assert!(DriverTotals::parse("total submitted=1").is_none());
+    }
+
+    #[test]
+    fn the_report_sums_the_rounds() {
+        let f = Figures {
+            rounds: 3,
+            completed: 20,
+            cut_off: 70,
+            deadlines_set: 45,
+            pending: vec![30, 12, 28],
+            unload_ms: vec![4.0, 1.5, 2.25],
+            load_to_first_submit_ms: vec![80.0, 60.0],
+            driver: DriverTotals {
+                ordering_violations: 5,
+                ..DriverTotals::default()
+            },
+            ..Figures::default()
+        };
+        let r = f.report();
+        assert_eq!(
+            r.pending_at_rmmod,
+            PendingAtRmmod {
+                min: Some(12),
+                max: Some(30),
+                total: 70
+            }
+        );
+        assert_eq!((r.rmmod_ms.p50, r.rmmod_ms.max), (Some(2.25), Some(4.0)));
+        assert_eq!(r.load_to_first_submit_ms.p50, Some(60.0));
+        assert_eq!(r.load_to_first_submit_ms.max, Some(80.0));
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["cut_off_enodev"], 70);
+        assert_eq!(j["completed_before_rmmod"], 20);
+        assert_eq!(j["unsignaled_after_rmmod"], 0);
+        assert_eq!(j["driver"]["ordering_violations"], 5);
+    }
+
+    #[test]
+    fn a_run_that_never_unloaded_reports_nulls_not_zeros() {
+        let r = Figures::default().report();
+        assert_eq!(r.rounds, 0);
+        assert_eq!(r.pending_at_rmmod.min, None);
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["rmmod_ms"]["p50"], serde_json::Value::Null);
+        assert_eq!(j["pending_at_rmmod"]["total"], 0);
     }
 }

@@ -298,8 +298,9 @@ fn unload_live(cli: &Cli) -> ExitCode {
         cfg.timelines,
         cfg.work_ns
     );
-    let (outcome, device) = fencelab_unload::run(&cfg);
-    let line = ResultLine::from_outcome(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
+    let (outcome, device, figures) = fencelab_unload::run(&cfg);
+    let mut line = ResultLine::from_outcome(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
+    line.unload = Some(figures);
     emit(&line);
     if line.ok {
         ExitCode::SUCCESS

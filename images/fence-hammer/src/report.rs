@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::fencelab_unload::UnloadReport;
 use crate::readback::PrematureCheck;
 
 /// Prefix of the result line on stdout.
@@ -107,6 +108,32 @@ impl RttUs {
     }
 }
 
+/// Millisecond percentiles (nearest rank, 3 decimals); null when nothing
+/// was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MsPercentiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl MsPercentiles {
+    pub fn from_ms(samples: &[f64]) -> Self {
+        let mut ms = samples.to_vec();
+        ms.sort_by(f64::total_cmp);
+        let pick = |q: f64| -> Option<f64> {
+            let rank = (q * ms.len() as f64).ceil() as usize;
+            let i = rank.clamp(1, ms.len().max(1)) - 1;
+            ms.get(i).map(|x| round_to(*x, 3))
+        };
+        Self {
+            p50: pick(0.50),
+            p99: pick(0.99),
+            max: pick(1.0),
+        }
+    }
+}
+
 /// The JSON object of the result line. Field order is the key order.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResultLine {
@@ -131,6 +158,9 @@ pub struct ResultLine {
     pub write_checks: u64,
     /// EXECBUFFER ioctls that failed (also in `fence_errors`).
     pub submit_failures: u64,
+    /// `unload-live`'s own figures; absent for the other workloads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unload: Option<UnloadReport>,
     pub ok: bool,
 }
 
@@ -165,6 +195,7 @@ impl ResultLine {
             premature_fences: o.premature.first.clone(),
             write_checks: o.premature.checks,
             submit_failures: o.counts.submit_failures,
+            unload: None,
             ok: o.counts.ok(),
         }
     }
@@ -198,6 +229,7 @@ impl ResultLine {
             premature_fences: Vec::new(),
             write_checks: 0,
             submit_failures: 0,
+            unload: None,
             ok: false,
         }
     }
@@ -372,6 +404,53 @@ mod tests {
             m["ok"], true,
             "premature signals are findings, not failures"
         );
+    }
+
+    #[test]
+    fn ms_percentiles_are_nearest_rank_and_null_when_empty() {
+        let p = MsPercentiles::from_ms(&[3.0, 1.0004, 2.5, 100.0]);
+        assert_eq!((p.p50, p.p99, p.max), (Some(2.5), Some(100.0), Some(100.0)));
+        assert_eq!(MsPercentiles::from_ms(&[1.23456]).p50, Some(1.235));
+        let none = MsPercentiles::from_ms(&[]);
+        assert_eq!((none.p50, none.p99, none.max), (None, None, None));
+    }
+
+    #[test]
+    fn the_unload_object_comes_before_ok_when_there_is_one() {
+        let o = Outcome {
+            counts: Counts {
+                submitted: 2,
+                signaled: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut line = ResultLine::from_outcome("unload-live", "/d", "fencelab_drm", &o);
+        assert!(!line.to_line().contains("\"unload\""), "absent when None");
+        let report = UnloadReport {
+            rounds: 1,
+            pending_at_rmmod: crate::fencelab_unload::PendingAtRmmod {
+                min: Some(1),
+                max: Some(1),
+                total: 1,
+            },
+            completed_before_rmmod: 1,
+            cut_off_enodev: 1,
+            other_errors: 0,
+            unsignaled_after_rmmod: 0,
+            deadlines_set: 1,
+            rmmod_ms: MsPercentiles::from_ms(&[2.0]),
+            load_to_first_submit_ms: MsPercentiles::from_ms(&[]),
+            driver: Default::default(),
+        };
+        line.unload = Some(report);
+        let text = line.to_line();
+        let m = parse(&text);
+        assert_eq!(m["unload"]["cut_off_enodev"], 1);
+        assert_eq!(m["unload"]["rmmod_ms"]["max"], 2.0);
+        assert_eq!(m["unload"]["load_to_first_submit_ms"]["p50"], Value::Null);
+        assert!(text.find("\"unload\":").unwrap() < text.find("\"ok\":").unwrap());
+        assert!(text.find("\"submit_failures\":").unwrap() < text.find("\"unload\":").unwrap());
     }
 
     #[test]
