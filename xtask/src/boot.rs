@@ -5,7 +5,9 @@
 use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER};
 use crate::guest::{self, Companion, Guest};
 use crate::qemu::{Accel, GuestSpec};
-use crate::report::{self, DeviceSummary, Finding, GuestResult, KernelInfo, RunInfo, Summary};
+use crate::report::{
+    self, DeviceSummary, EarlyBootStall, Finding, GuestResult, KernelInfo, RunInfo, Summary,
+};
 use crate::supervise::Supervised;
 use crate::{crosscheck, image, kernel, paths, setup};
 use anyhow::{Context, Result, bail};
@@ -218,17 +220,79 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     }
     step("building fencelab-device");
     let device_bin = build_device()?;
+    let prepared = Prepared {
+        kernel,
+        initramfs,
+        device_bin,
+        prepare_secs: started.elapsed().as_secs_f64(),
+    };
 
+    let mut stalls = Vec::new();
+    loop {
+        match run_once(args, &prepared)? {
+            Attempt::Done(mut summary) => {
+                summary.early_boot_stalls = stalls;
+                return Ok(*summary);
+            }
+            Attempt::StalledBeforeInit(stall) if stalls.len() < MAX_EARLY_BOOT_RETRIES => {
+                step(format!(
+                    "booting again ({} of {} retries): the stall happened before the init, so nothing of the run was lost",
+                    stalls.len() + 1,
+                    MAX_EARLY_BOOT_RETRIES
+                ));
+                stalls.push(stall);
+            }
+            Attempt::StalledBeforeInit(stall) => {
+                stalls.push(stall);
+                bail!(
+                    "the guest kernel stalled before reaching the init {} times in a row (runs: {}); \
+                     the host may be overloaded (QEMU's multi-threaded TCG)",
+                    stalls.len(),
+                    stalls
+                        .iter()
+                        .map(|s| s.run_dir.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// How often a boot whose kernel stalls before the init is started again.
+const MAX_EARLY_BOOT_RETRIES: usize = 2;
+
+/// What every attempt of one `execute` shares.
+struct Prepared {
+    kernel: kernel::Kernel,
+    initramfs: PathBuf,
+    device_bin: PathBuf,
+    /// Setup, kernel, image and device build, before the first attempt.
+    prepare_secs: f64,
+}
+
+enum Attempt {
+    Done(Box<Summary>),
+    StalledBeforeInit(EarlyBootStall),
+}
+
+/// Boots the guest once with a fresh device.
+fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt> {
+    let Prepared {
+        kernel,
+        initramfs,
+        device_bin,
+        prepare_secs,
+    } = prepared;
     let run_dir = guest::new_run_dir(&args.workload)?;
     let socket_dir = SocketDir::create()?;
     let socket = socket_dir.path().join("gpu.sock");
     step(format!("run folder {}", run_dir.display()));
-    let prepared_secs = started.elapsed().as_secs_f64();
 
     let device_log = run_dir.join("device.log");
     let trace = run_dir.join("trace.jsonl");
     let device_spec = DeviceSpec {
-        binary: &device_bin,
+        binary: device_bin,
         socket: &socket,
         control_socket: &socket_dir.path().join("ctl.sock"),
         faults: match &args.plan {
@@ -252,7 +316,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     cmdline_extra.push(format!("fencelab.args={}", hammer_args.join(",")));
     let spec = GuestSpec {
         kernel: kernel.bzimage.clone(),
-        initramfs,
+        initramfs: initramfs.clone(),
         gpu_socket: Some(socket.clone()),
         memory_mib: args.memory_mib,
         cpus: args.cpus,
@@ -268,12 +332,27 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         last_words: device_log_tail,
         kill_when_workload_starts: args.kill_device_mid_run,
     };
-    guest.supervise(
+    let ended = guest.supervise(
         Some(companion),
         Duration::from_secs(args.timeout_secs),
         &mut failures,
     )?;
     let outcome = guest.finish()?;
+    if let guest::Ended::StalledBeforeInit {
+        after_line,
+        last_line,
+    } = ended
+    {
+        // The device saw no driver yet; it exits on QEMU's disconnect.
+        if device.wait_for(Duration::from_secs(10))?.is_none() {
+            device.stop(Duration::from_secs(3))?;
+        }
+        return Ok(Attempt::StalledBeforeInit(EarlyBootStall {
+            run_dir,
+            after_line,
+            last_line,
+        }));
+    }
     let device_status = match device.wait_for(Duration::from_secs(10))? {
         Some(status) => status,
         None => {
@@ -310,7 +389,7 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
 
     let run = RunInfo {
         boot_to_result_ms: outcome.marks.result_after.map(|d| d.as_millis() as u64),
-        prepare_secs: prepared_secs,
+        prepare_secs: *prepare_secs,
         qemu_exit: outcome.status.code(),
         run_dir,
         seed,
@@ -319,14 +398,14 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         findings,
         failures,
     };
-    Ok(Summary::new(
+    Ok(Attempt::Done(Box::new(Summary::new(
         args,
-        KernelInfo::from(&kernel),
+        KernelInfo::from(kernel),
         report,
         guest,
         device_summary,
         run,
-    ))
+    ))))
 }
 
 /// Proves that a guest boots to its init under KVM before a run relies on
@@ -354,7 +433,13 @@ fn probe_kvm(kernel: &Path, initramfs: &Path) -> Result<()> {
     };
     let mut probe = Guest::launch(&spec, &run_dir, false)?;
     let mut failures = Vec::new();
-    probe.supervise(None, Duration::from_secs(PROBE_SECS), &mut failures)?;
+    if let guest::Ended::StalledBeforeInit { last_line, .. } =
+        probe.supervise(None, Duration::from_secs(PROBE_SECS), &mut failures)?
+    {
+        failures.push(format!(
+            "the KVM probe guest stalled before its init ({last_line})"
+        ));
+    }
     let outcome = probe.finish()?;
     if console::parse(&outcome.console).booted_release.is_none() {
         bail!(

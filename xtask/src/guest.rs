@@ -3,7 +3,7 @@
 //! such as the GPU backend) until it powers off, dies, times out or the user
 //! interrupts, and stop it.
 
-use crate::console::{RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
+use crate::console::{BOOT_MARKER, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
 use crate::paths;
 use crate::qemu::GuestSpec;
 use crate::supervise::{Supervised, was_interrupted};
@@ -45,9 +45,36 @@ pub struct Companion<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct Marks {
     pub lines: usize,
+    /// When the last console line arrived (host clock, from QEMU start).
+    pub last_line_at: Option<Duration>,
+    /// The last console line, for reports.
+    pub last_line: String,
+    /// The init announced itself: the kernel finished booting.
+    pub reached_init: bool,
     pub workload_started: Option<Duration>,
     pub result_after: Option<Duration>,
     pub workload_ended: bool,
+}
+
+/// How long the kernel may print nothing before it reaches the init before
+/// the boot counts as stalled. A healthy TCG boot with KASAN and lockdep
+/// reaches the init in 15–40 s and never pauses its console for more than a
+/// few seconds; the stalls seen on loaded 2-core hosts (both vCPUs spinning
+/// right after SMP bring-up, QEMU 10.0.2 multi-threaded TCG) never resume.
+pub const EARLY_BOOT_STALL: Duration = Duration::from_secs(120);
+
+/// How supervision ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Powered off, died, timed out or was interrupted; any abnormal end is
+    /// in the failures.
+    Finished,
+    /// The kernel stopped printing before it reached the init; QEMU was
+    /// stopped. Nothing of ours has run yet, so the caller may boot again.
+    StalledBeforeInit {
+        after_line: usize,
+        last_line: String,
+    },
 }
 
 /// How the guest ended.
@@ -93,22 +120,24 @@ impl Guest {
     }
 
     /// Watches the guest until it powers off, the companion dies, `timeout`
-    /// passes or the user interrupts; each abnormal end is a failure.
+    /// passes or the user interrupts; each abnormal end is a failure. A
+    /// kernel that prints nothing for [`EARLY_BOOT_STALL`] before reaching
+    /// the init ends supervision with [`Ended::StalledBeforeInit`] instead.
     pub fn supervise(
         &mut self,
         mut companion: Option<Companion<'_>>,
         timeout: Duration,
         failures: &mut Vec<String>,
-    ) -> Result<()> {
+    ) -> Result<Ended> {
         let started = Instant::now();
         let mut next_progress = Duration::from_secs(15);
         loop {
             if was_interrupted() {
                 failures.push("interrupted by the user".into());
-                return Ok(());
+                return Ok(Ended::Finished);
             }
             if self.qemu.try_status()?.is_some() {
-                return Ok(());
+                return Ok(Ended::Finished);
             }
             if let Some(companion) = companion.as_mut()
                 && companion.kill_when_workload_starts
@@ -125,7 +154,7 @@ impl Guest {
                 // After the workload the guest powers off and the companion
                 // exits on disconnect; that order can race with our poll.
                 if marks.workload_ended && self.qemu.wait_for(Duration::from_secs(5))?.is_some() {
-                    return Ok(());
+                    return Ok(Ended::Finished);
                 }
                 let stage = if marks.workload_started.is_some() {
                     "while the workload ran"
@@ -138,15 +167,29 @@ impl Guest {
                     companion.log.display(),
                     indented(&(companion.last_words)(companion.log))
                 ));
-                return Ok(());
+                return Ok(Ended::Finished);
             }
             let elapsed = started.elapsed();
+            let marks = self.tracker.marks();
+            let quiet_since = marks.last_line_at.unwrap_or_default();
+            if !marks.reached_init && elapsed.saturating_sub(quiet_since) > EARLY_BOOT_STALL {
+                step(format!(
+                    "the kernel printed nothing for {} s before reaching the init (after console line {}: {:?}); stopping QEMU",
+                    EARLY_BOOT_STALL.as_secs(),
+                    marks.lines,
+                    marks.last_line.trim_end()
+                ));
+                return Ok(Ended::StalledBeforeInit {
+                    after_line: marks.lines,
+                    last_line: marks.last_line.trim_end().to_owned(),
+                });
+            }
             if elapsed > timeout {
                 failures.push(format!(
                     "the guest did not finish within {} s",
                     timeout.as_secs()
                 ));
-                return Ok(());
+                return Ok(Ended::Finished);
             }
             if elapsed >= next_progress {
                 let marks = self.tracker.marks();
@@ -224,6 +267,11 @@ impl ConsoleTracker {
                 }
                 let mut marks = shared.lock().unwrap_or_else(|p| p.into_inner());
                 marks.lines += 1;
+                marks.last_line_at = Some(since.elapsed());
+                marks.last_line = line.chars().take(200).collect();
+                if line.contains(BOOT_MARKER) {
+                    marks.reached_init = true;
+                }
                 if line.contains(WORKLOAD_START_MARKER) {
                     marks.workload_started = Some(since.elapsed());
                     step("workload started");
@@ -246,5 +294,44 @@ impl ConsoleTracker {
     fn finish(self) -> Marks {
         let _ = self.reader.join();
         self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The console reader notes the last line, when it came, and whether
+    /// the init announced itself: what the early-boot stall check reads.
+    #[test]
+    fn console_tracker_notes_the_init_and_the_last_line() {
+        let dir = std::env::temp_dir().join(format!("fencelab-guest-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let run = |script: &str| {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let tracker =
+                ConsoleTracker::start(child.stdout.take().unwrap(), &log, Instant::now(), false)
+                    .unwrap();
+            child.wait().unwrap();
+            tracker.finish()
+        };
+
+        let stalled = run("echo '[    1.0] smp: Brought up 1 node, 2 CPUs'");
+        assert!(!stalled.reached_init);
+        assert_eq!(stalled.lines, 1);
+        assert!(stalled.last_line.contains("Brought up"));
+        assert!(stalled.last_line_at.is_some());
+
+        let booted = run("echo 'early line'; echo 'FENCELAB_BOOT release=7.3.4'; echo after");
+        assert!(booted.reached_init);
+        assert_eq!(booted.lines, 3);
+        assert_eq!(booted.last_line.trim_end(), "after");
+        assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 3);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -102,7 +102,15 @@ fn run_filter(
     };
     let mut guest = Guest::launch(&spec, &run_dir, args.console)?;
     let mut failures = Vec::new();
-    guest.supervise(None, Duration::from_secs(args.timeout_secs), &mut failures)?;
+    if let crate::guest::Ended::StalledBeforeInit {
+        after_line,
+        last_line,
+    } = guest.supervise(None, Duration::from_secs(args.timeout_secs), &mut failures)?
+    {
+        failures.push(format!(
+            "the kernel stalled after console line {after_line} ({last_line}) before finishing the suites"
+        ));
+    }
     let outcome = guest.finish()?;
 
     let results = ktap::parse(&outcome.console);

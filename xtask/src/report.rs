@@ -352,9 +352,22 @@ pub struct Summary {
     /// Facts about the driver under test; not failures.
     pub findings: Vec<Finding>,
     pub failures: Vec<String>,
+    /// Earlier attempts whose kernel stalled before the init and were
+    /// booted again; empty on a clean first boot.
+    pub early_boot_stalls: Vec<EarlyBootStall>,
 }
 
 /// How the run went, apart from what the guest and the console said.
+/// A boot attempt whose kernel stopped printing before it reached the init
+/// (see `guest::EARLY_BOOT_STALL`); the run was booted again.
+#[derive(Debug, Clone, Serialize)]
+pub struct EarlyBootStall {
+    pub run_dir: PathBuf,
+    /// Console lines printed before the stall.
+    pub after_line: usize,
+    pub last_line: String,
+}
+
 #[derive(Debug)]
 pub struct RunInfo {
     pub boot_to_result_ms: Option<u64>,
@@ -410,6 +423,7 @@ impl Summary {
             reproduce: run.reproduce,
             findings: run.findings,
             failures: run.failures,
+            early_boot_stalls: Vec::new(),
         }
     }
 }
@@ -511,6 +525,21 @@ pub fn print(summary: &Summary, json: bool) {
         ("run folder", summary.run_dir.display().to_string()),
         ("reproduce", summary.reproduce.clone()),
     ];
+    if !summary.early_boot_stalls.is_empty() {
+        let stalls: Vec<String> = summary
+            .early_boot_stalls
+            .iter()
+            .map(|s| {
+                format!(
+                    "kernel silent after console line {} ({}), booted again; {}",
+                    s.after_line,
+                    s.last_line,
+                    s.run_dir.display()
+                )
+            })
+            .collect();
+        rows.push(("early-boot stalls", stalls.join("\n")));
+    }
     if let Some(unload) = &summary.unload {
         let at = rows
             .iter()
