@@ -9,6 +9,7 @@ use crate::ktap::{self, Outcome};
 use crate::qemu::{Accel, GuestSpec};
 use crate::{image, kernel, setup};
 use anyhow::{Result, bail};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The KUnit tests of fencelab's kernel patch series: its own suites, and
@@ -84,6 +85,44 @@ fn run_filter(
     kernel: &kernel::Kernel,
     initramfs: &std::path::Path,
 ) -> Result<Counts> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match boot_filter(args, filter, kernel, initramfs)? {
+            Boot::Done(counts) => return Ok(counts),
+            Boot::StalledBeforeKunit { run_dir, last_line }
+                if attempt <= MAX_EARLY_BOOT_RETRIES =>
+            {
+                eprintln!(
+                    "kunit: the kernel went silent before KUnit started ({last_line}; {}); booting again ({attempt} of {MAX_EARLY_BOOT_RETRIES} retries)",
+                    run_dir.display()
+                );
+            }
+            Boot::StalledBeforeKunit { run_dir, last_line } => {
+                bail!(
+                    "the kernel went silent before KUnit started {attempt} times in a row (last: {last_line}; {}); the host may be overloaded",
+                    run_dir.display()
+                );
+            }
+        }
+    }
+}
+
+/// How often a boot that stalls before KUnit starts is booted again (the
+/// stall is QEMU's multi-threaded TCG, see `guest::EARLY_BOOT_STALL`).
+const MAX_EARLY_BOOT_RETRIES: usize = 2;
+
+enum Boot {
+    Done(Counts),
+    StalledBeforeKunit { run_dir: PathBuf, last_line: String },
+}
+
+fn boot_filter(
+    args: &KunitArgs,
+    filter: &str,
+    kernel: &kernel::Kernel,
+    initramfs: &std::path::Path,
+) -> Result<Boot> {
     let run_dir = guest::new_run_dir("kunit")?;
     eprintln!("kunit: {filter}; run folder {}", run_dir.display());
     let spec = GuestSpec {
@@ -102,16 +141,23 @@ fn run_filter(
     };
     let mut guest = Guest::launch(&spec, &run_dir, args.console)?;
     let mut failures = Vec::new();
+    let ended = guest.supervise(None, Duration::from_secs(args.timeout_secs), &mut failures)?;
+    let outcome = guest.finish()?;
     if let crate::guest::Ended::StalledBeforeInit {
         after_line,
         last_line,
-    } = guest.supervise(None, Duration::from_secs(args.timeout_secs), &mut failures)?
+    } = ended
     {
+        // Before the first KTAP line nothing of the suites has run: a TCG
+        // stall, boot again. Once they started, a silent kernel is a hang in
+        // the code under test and a failure.
+        if !outcome.console.contains("KTAP version") {
+            return Ok(Boot::StalledBeforeKunit { run_dir, last_line });
+        }
         failures.push(format!(
-            "the kernel stalled after console line {after_line} ({last_line}) before finishing the suites"
+            "the kernel went silent after console line {after_line} ({last_line}) while the suites ran"
         ));
     }
-    let outcome = guest.finish()?;
 
     let results = ktap::parse(&outcome.console);
     let verdict = console::parse(&outcome.console);
@@ -154,10 +200,10 @@ fn run_filter(
     for failure in &failures {
         println!("FAILURE: {failure}");
     }
-    Ok(Counts {
+    Ok(Boot::Done(Counts {
         passed: results.count(Outcome::Pass),
         failed: results.count(Outcome::Fail),
         skipped: results.count(Outcome::Skip),
         other_failures: failures.len(),
-    })
+    }))
 }
