@@ -35,7 +35,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             summary.failures.len()
         );
     }
-    println!("boot-smoke: 1 passed, 0 failed");
+    println!("boot-smoke: 1 passed, 0 failed{}", stall_note(&summary));
     plan_boots()?;
     fencelab_drm_boots()?;
     backend_death_is_reported()?;
@@ -105,13 +105,14 @@ fn plan_boots() -> Result<()> {
         if summary.ok {
             passed += 1;
             println!(
-                "plan {name}: PASS ({} fences, findings: {})",
+                "plan {name}: PASS ({} fences, findings: {}){}",
                 summary.fences_signaled,
                 if findings.is_empty() {
                     "none".into()
                 } else {
                     findings.join(", ")
-                }
+                },
+                stall_note(&summary)
             );
         } else {
             failed += 1;
@@ -200,8 +201,10 @@ fn fencelab_drm_boots() -> Result<()> {
         if problems.is_empty() {
             passed += 1;
             println!(
-                "fencelab_drm {}: PASS ({} fences, {boosts} deadline boosts)",
-                boot.name, summary.fences_signaled
+                "fencelab_drm {}: PASS ({} fences, {boosts} deadline boosts){}",
+                boot.name,
+                summary.fences_signaled,
+                stall_note(&summary)
             );
         } else {
             failed += 1;
@@ -214,6 +217,15 @@ fn fencelab_drm_boots() -> Result<()> {
         bail!("{failed} fencelab_drm boot(s) failed");
     }
     Ok(())
+}
+
+/// Says when a passing boot needed more than one attempt (see
+/// `guest::EARLY_BOOT_STALL`), so that the retries stay visible.
+fn stall_note(summary: &crate::report::Summary) -> String {
+    match summary.early_boot_stalls.len() {
+        0 => String::new(),
+        n => format!(" after {n} early-boot stall(s), booted again"),
+    }
 }
 
 /// The `*.toml` files directly in `dir`, sorted by name.
