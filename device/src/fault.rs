@@ -342,38 +342,9 @@ impl Tracer for NoTrace {
     }
 }
 
-/// Fence counts for one timeline, or all of them. Every fence the device
-/// accepted is in exactly one of `completed`, `hung`, `pending` or
-/// `abandoned`: `submitted == completed + hung + pending + abandoned`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Accounting {
-    pub submitted: u64,
-    /// Returned to the guest (with an OK or an injected error response).
-    pub completed: u64,
-    /// Of `completed`, answered with an error response.
-    pub errored: u64,
-    /// Of `completed`, returned early because the queue stopped or the
-    /// device reset: before their due time, while held behind their
-    /// timeline's order or reorder block, or while completions were paused.
-    /// The guest driver resetting the device usually signals these itself
-    /// (with an error) first.
-    #[serde(default)]
-    pub flushed: u64,
-    /// Hung now (forever or until released).
-    pub hung: u64,
-    /// Scheduled, not yet due or waiting on their timeline.
-    pub pending: u64,
-    /// Hung fences dropped by a device reset.
-    pub abandoned: u64,
-    /// Hung fences released over the control plane (now in `completed`).
-    pub released: u64,
-    /// Completions whose interrupt was dropped.
-    pub irq_dropped: u64,
-    /// Notifies with nothing new (spurious and storms).
-    pub irq_spurious: u64,
-    pub deadline_hints: u64,
-    pub deadline_boosts: u64,
-}
+/// Fence counts for one timeline, or all of them: defined in
+/// `fencelab-report`, which xtask reads the device's summary with.
+pub use fencelab_report::Accounting;
 
 /// A plan as the control plane shows it, read in one go.
 #[derive(Clone, Debug, PartialEq)]

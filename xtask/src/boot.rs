@@ -6,7 +6,7 @@ use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER};
 use crate::guest::{self, Companion, Guest};
 use crate::qemu::{Accel, GuestSpec};
 use crate::report::{
-    self, DeviceSummary, EarlyBootStall, Finding, GuestResult, KernelInfo, RunInfo, Summary,
+    self, DeviceSummary, EarlyBootStall, Finding, KernelInfo, ResultLine, RunInfo, Summary,
 };
 use crate::supervise::Supervised;
 use crate::{crosscheck, image, kernel, paths, setup};
@@ -458,7 +458,7 @@ fn probe_kvm(kernel: &Path, initramfs: &Path) -> Result<()> {
 
 /// Notes the init's errors and the kernel's splats, and reads fence-hammer's
 /// result line.
-fn read_guest(report: &ConsoleReport, failures: &mut Vec<String>) -> Option<GuestResult> {
+fn read_guest(report: &ConsoleReport, failures: &mut Vec<String>) -> Option<ResultLine> {
     failures.extend(
         report
             .init_errors
@@ -502,7 +502,7 @@ fn read_guest(report: &ConsoleReport, failures: &mut Vec<String>) -> Option<Gues
 fn judge_guest(
     args: &BootArgs,
     report: &ConsoleReport,
-    guest: Option<&GuestResult>,
+    guest: Option<&ResultLine>,
     hangs_explain_timeouts: bool,
     failures: &mut Vec<String>,
 ) {
@@ -512,7 +512,7 @@ fn judge_guest(
     if !guest.ok && !hangs_explain_timeouts {
         failures.push(format!(
             "workload {} reported failure: {}",
-            guest.workload,
+            guest.workload.as_deref().unwrap_or(&args.workload),
             guest.first_error.as_deref().unwrap_or("no error given")
         ));
     }
@@ -545,7 +545,7 @@ fn judge_guest(
 /// (the rules are in [`crosscheck`]).
 fn judge_device(
     device: &Option<DeviceSummary>,
-    guest: Option<&GuestResult>,
+    guest: Option<&ResultLine>,
     exited_ok: bool,
     failures: &mut Vec<String>,
     findings: &mut Vec<Finding>,

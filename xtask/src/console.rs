@@ -14,7 +14,7 @@ pub const BOOT_MARKER: &str = "FENCELAB_BOOT";
 pub const CONFIG_MARKER: &str = "FENCELAB_CONFIG ";
 pub const WORKLOAD_START_MARKER: &str = "FENCELAB_WORKLOAD_START";
 pub const WORKLOAD_END_MARKER: &str = "FENCELAB_WORKLOAD_END";
-pub const RESULT_MARKER: &str = "FENCELAB_RESULT ";
+pub use fencelab_report::RESULT_MARKER;
 pub const ERROR_MARKER: &str = "FENCELAB_ERROR";
 
 /// A class of kernel splat and the text that introduces it.

@@ -39,7 +39,7 @@
 //! as the plan asked (the upstream driver has no job timeout), which then
 //! excuse the guest's timeouts.
 
-use crate::report::{Accounting, DeviceSummary, Finding, GuestResult};
+use crate::report::{Accounting, DeviceSummary, Finding, ResultLine};
 
 /// The outcome of the cross-check.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -52,7 +52,7 @@ pub struct Verdict {
 /// (forever, or until released, or abandoned at reset) and nothing else
 /// went wrong in the guest: what a hang plan asks for, against a driver
 /// without a job timeout.
-pub fn timeouts_explained_by_hangs(guest: &GuestResult, device: Option<&DeviceSummary>) -> bool {
+pub fn timeouts_explained_by_hangs(guest: &ResultLine, device: Option<&DeviceSummary>) -> bool {
     let Some(d) = device.and_then(DeviceSummary::submit_3d) else {
         return false;
     };
@@ -63,7 +63,7 @@ pub fn timeouts_explained_by_hangs(guest: &GuestResult, device: Option<&DeviceSu
 }
 
 /// Cross-checks `guest` against `device` (see the module docs).
-pub fn check(guest: Option<&GuestResult>, device: &DeviceSummary) -> Verdict {
+pub fn check(guest: Option<&ResultLine>, device: &DeviceSummary) -> Verdict {
     let mut v = Verdict::default();
     let Some(d) = device.submit_3d() else {
         v.failures.push(
@@ -178,7 +178,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn guest(submitted: u64, signaled: u64) -> GuestResult {
+    fn guest(submitted: u64, signaled: u64) -> ResultLine {
         serde_json::from_value(serde_json::json!({
             "workload": "smoke",
             "fences_submitted": submitted,

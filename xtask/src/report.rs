@@ -9,221 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Round-trip percentiles reported by fence-hammer; `None` (JSON `null`)
-/// when no fence signaled.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RoundTrip {
-    pub p50: Option<u64>,
-    pub p99: Option<u64>,
-    pub max: Option<u64>,
-}
-
-impl RoundTrip {
-    /// `p50 A · p99 B · max C`, `-` for what was not measured.
-    pub fn one_line(&self) -> String {
-        format!(
-            "p50 {} · p99 {} · max {}",
-            or_dash(self.p50),
-            or_dash(self.p99),
-            or_dash(self.max)
-        )
-    }
-}
-
-/// Millisecond percentiles reported by fence-hammer; `None` when nothing
-/// was measured.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MsPercentiles {
-    pub p50: Option<f64>,
-    pub p99: Option<f64>,
-    pub max: Option<f64>,
-}
-
-/// Fences pending right before the `rmmod`s of `unload-live`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PendingAtRmmod {
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    pub total: u64,
-}
-
-/// fencelab_drm's debugfs totals summed over the `unload-live` rounds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DriverTotals {
-    pub ordering_violations: u64,
-    pub timeouts: u64,
-    pub hints_sent: u64,
-    pub hints_dropped: u64,
-}
-
-/// The `unload` object of an `unload-live` result: what happened to the
-/// fences at the module unloads. A key fence-hammer does not write reads as
-/// 0 / null.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Unload {
-    pub rounds: u64,
-    pub pending_at_rmmod: PendingAtRmmod,
-    /// Signaled successfully: the device completed them before the unload.
-    pub completed_before_rmmod: u64,
-    /// Signaled with `-ENODEV` by the unloading driver.
-    pub cut_off_enodev: u64,
-    /// Signaled with another error, or FILE_INFO failed (must be 0).
-    pub other_errors: u64,
-    /// Not signaled after the unload (must be 0).
-    pub unsignaled_after_rmmod: u64,
-    pub deadlines_set: u64,
-    pub rmmod_ms: MsPercentiles,
-    /// `modprobe` to the first fence SUBMIT returned (rounds after the first).
-    pub load_to_first_submit_ms: MsPercentiles,
-    pub driver: DriverTotals,
-}
-
-impl Unload {
-    /// The table row: a few lines.
-    pub fn lines(&self) -> String {
-        let p = &self.pending_at_rmmod;
-        let ms = |m: &MsPercentiles| {
-            format!(
-                "p50 {} · p99 {} · max {}",
-                ms_or_dash(m.p50),
-                ms_or_dash(m.p99),
-                ms_or_dash(m.max)
-            )
-        };
-        format!(
-            "{} rounds; pending at rmmod min {} · max {} · total {}\n\
-             after rmmod: {} completed before it, {} cut off (-ENODEV), {} other errors, {} unsignaled\n\
-             rmmod ms {}; load → first submit ms {}\n\
-             driver: {} ordering violations, {} job timeouts, {} deadline hints sent ({} set), {} dropped",
-            self.rounds,
-            or_dash(p.min),
-            or_dash(p.max),
-            p.total,
-            self.completed_before_rmmod,
-            self.cut_off_enodev,
-            self.other_errors,
-            self.unsignaled_after_rmmod,
-            ms(&self.rmmod_ms),
-            ms(&self.load_to_first_submit_ms),
-            self.driver.ordering_violations,
-            self.driver.timeouts,
-            self.driver.hints_sent,
-            self.deadlines_set,
-            self.driver.hints_dropped,
-        )
-    }
-}
-
-fn or_dash(x: Option<u64>) -> String {
-    x.map_or("-".into(), |v| v.to_string())
-}
-
-fn ms_or_dash(x: Option<f64>) -> String {
-    x.map_or("-".into(), |v| format!("{v:.1}"))
-}
-
-/// fence-hammer's `FENCELAB_RESULT` line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GuestResult {
-    pub workload: String,
-    pub fences_submitted: u64,
-    pub fences_signaled: u64,
-    pub fence_errors: u64,
-    #[serde(default)]
-    pub fence_timeouts: u64,
-    #[serde(default)]
-    pub out_of_order: u64,
-    #[serde(default)]
-    pub elapsed_ms: f64,
-    #[serde(default)]
-    pub fences_per_s: f64,
-    #[serde(default)]
-    pub rtt_us: RoundTrip,
-    #[serde(default)]
-    pub first_error: Option<String>,
-    #[serde(default)]
-    pub timeline_name: Option<String>,
-    /// Fences seen signaled before their WRITE landed (driver findings).
-    #[serde(default)]
-    pub premature_signals: u64,
-    /// The first few of them (fence-hammer's 0-based fence numbers).
-    #[serde(default)]
-    pub premature_fences: Vec<u64>,
-    /// WRITE read-backs done; 0 when fence-hammer ran with `--no-write`.
-    #[serde(default)]
-    pub write_checks: u64,
-    /// EXECBUFFER ioctls that failed: these never reached the device.
-    #[serde(default)]
-    pub submit_failures: u64,
-    /// `unload-live`'s figures; `None` for the other workloads.
-    #[serde(default)]
-    pub unload: Option<Unload>,
-    pub ok: bool,
-}
-
-impl GuestResult {
-    /// Fences that reached the device: every submission attempt except the
-    /// ioctls that failed.
-    pub fn fences_sent(&self) -> u64 {
-        self.fences_submitted.saturating_sub(self.submit_failures)
-    }
-}
-
-/// The device's fence accounting (`fault::Accounting` in fencelab-device):
-/// every fence it accepted is in exactly one of `completed`, `hung`,
-/// `pending` or `abandoned`; `errored` and `flushed` are parts of
-/// `completed`. A key the device does not write reads as 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Accounting {
-    pub submitted: u64,
-    pub completed: u64,
-    pub errored: u64,
-    /// Of `completed`, returned early because the control queue stopped or
-    /// the device reset (e.g. the guest unloaded its driver).
-    pub flushed: u64,
-    pub hung: u64,
-    pub pending: u64,
-    pub abandoned: u64,
-    pub released: u64,
-    pub irq_dropped: u64,
-    pub irq_spurious: u64,
-    pub deadline_hints: u64,
-    pub deadline_boosts: u64,
-}
-
-impl Accounting {
-    /// `completed + hung + pending + abandoned`: must equal `submitted`.
-    pub fn accounted(&self) -> u64 {
-        self.completed + self.hung + self.pending + self.abandoned
-    }
-
-    pub fn one_line(&self) -> String {
-        let mut s = format!("{} submitted, {} completed", self.submitted, self.completed);
-        for (n, what) in [
-            (self.errored, "errored"),
-            (self.flushed, "flushed early (queue stop/reset)"),
-            (self.hung, "hung"),
-            (self.pending, "pending"),
-            (self.abandoned, "abandoned"),
-            (self.released, "released"),
-            (self.irq_dropped, "irq dropped"),
-            (self.irq_spurious, "irq spurious"),
-            (self.deadline_hints, "deadline hints"),
-            (self.deadline_boosts, "deadline boosts"),
-        ] {
-            if n != 0 {
-                s.push_str(&format!(", {n} {what}"));
-            }
-        }
-        s
-    }
-}
+pub use fencelab_report::{Accounting, ResultLine, RttUs, UnloadReport};
 
 /// Something the run found out about the driver under test: reported, not
 /// a failure of the harness (`boot --fail-on-findings` makes it one).
@@ -323,12 +109,12 @@ pub struct Summary {
     pub fence_timeouts: u64,
     pub out_of_order: u64,
     pub fences_per_s: f64,
-    pub rtt_us: RoundTrip,
+    pub rtt_us: RttUs,
     pub premature_signals: u64,
     pub premature_fences: Vec<u64>,
     pub write_checks: u64,
     /// `unload-live`'s figures (`null` for the other workloads).
-    pub unload: Option<Unload>,
+    pub unload: Option<UnloadReport>,
     pub splats: Vec<String>,
     pub splat_details: Vec<Splat>,
     pub boot_to_result_ms: Option<u64>,
@@ -386,7 +172,7 @@ impl Summary {
         args: &BootArgs,
         kernel: KernelInfo,
         console: ConsoleReport,
-        guest: Option<GuestResult>,
+        guest: Option<ResultLine>,
         device: Option<DeviceSummary>,
         run: RunInfo,
     ) -> Self {
@@ -400,7 +186,7 @@ impl Summary {
             fence_timeouts: guest_ref.map_or(0, |g| g.fence_timeouts),
             out_of_order: guest_ref.map_or(0, |g| g.out_of_order),
             fences_per_s: guest_ref.map_or(0.0, |g| g.fences_per_s),
-            rtt_us: guest_ref.map(|g| g.rtt_us.clone()).unwrap_or_default(),
+            rtt_us: guest_ref.map(|g| g.rtt_us).unwrap_or_default(),
             premature_signals: guest_ref.map_or(0, |g| g.premature_signals),
             premature_fences: guest_ref.map_or(Vec::new(), |g| g.premature_fences.clone()),
             write_checks: guest_ref.map_or(0, |g| g.write_checks),
@@ -637,7 +423,7 @@ mod tests {
             "out_of_order":0,"elapsed_ms":2100.5,"fences_per_s":952.1,
             "rtt_us":{"p50":900,"p99":2100,"max":5000},"first_error":null,
             "timeline_name":"controlq","ok":true}"#;
-        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        let guest: ResultLine = serde_json::from_str(line).unwrap();
         assert!(guest.ok);
         assert_eq!(guest.fences_signaled, 2000);
         assert_eq!(guest.rtt_us.p99, Some(2100));
@@ -650,7 +436,7 @@ mod tests {
         let line = r#"{"workload":"smoke","fences_submitted":10,"fences_signaled":9,
             "fence_errors":1,"premature_signals":2,"premature_fences":[3,4],
             "write_checks":9,"submit_failures":1,"ok":false}"#;
-        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        let guest: ResultLine = serde_json::from_str(line).unwrap();
         assert_eq!(guest.premature_signals, 2);
         assert_eq!(guest.premature_fences, vec![3, 4]);
         assert_eq!(guest.write_checks, 9);
@@ -658,14 +444,33 @@ mod tests {
     }
 
     #[test]
+    fn a_setup_error_line_without_a_workload_parses() {
+        let line = r#"{"workload":null,"device":null,"driver":null,"fences_submitted":0,
+            "fences_signaled":0,"fence_errors":0,"fence_timeouts":0,"out_of_order":0,
+            "elapsed_ms":0.0,"fences_per_s":0.0,"rtt_us":{"p50":null,"p99":null,"max":null},
+            "first_error":"usage: unexpected argument '--bogus' found","timeline_name":null,
+            "premature_signals":0,"premature_fences":[],"write_checks":0,"submit_failures":0,
+            "ok":false}"#;
+        let guest: ResultLine = serde_json::from_str(line).unwrap();
+        assert_eq!(guest.workload, None);
+        assert!(!guest.ok);
+        assert!(guest.first_error.unwrap().starts_with("usage:"));
+        let no_counts = serde_json::from_str::<ResultLine>(r#"{"workload":"smoke","ok":true}"#);
+        assert!(
+            no_counts.is_err(),
+            "a line without fence counts is not a result"
+        );
+    }
+
+    #[test]
     fn null_round_trips_parse_as_not_measured() {
         let line = r#"{"workload":"smoke","fences_submitted":3,"fences_signaled":0,
             "fence_errors":0,"fence_timeouts":3,
             "rtt_us":{"p50":null,"p99":null,"max":null},"ok":false}"#;
-        let guest: GuestResult = serde_json::from_str(line).unwrap();
-        assert_eq!(guest.rtt_us, RoundTrip::default());
+        let guest: ResultLine = serde_json::from_str(line).unwrap();
+        assert_eq!(guest.rtt_us, RttUs::default());
         assert_eq!(guest.rtt_us.one_line(), "p50 - · p99 - · max -");
-        let partial: RoundTrip = serde_json::from_str(r#"{"p50":7}"#).unwrap();
+        let partial: RttUs = serde_json::from_str(r#"{"p50":7}"#).unwrap();
         assert_eq!(partial.one_line(), "p50 7 · p99 - · max -");
     }
 
@@ -681,7 +486,7 @@ mod tests {
               "driver":{"ordering_violations":4,"timeouts":0,"hints_sent":1000,"hints_dropped":0},
               "a_key_from_the_future":1},
             "ok":true}"#;
-        let guest: GuestResult = serde_json::from_str(line).unwrap();
+        let guest: ResultLine = serde_json::from_str(line).unwrap();
         let u = guest.unload.clone().unwrap();
         assert_eq!(u.rounds, 10);
         assert_eq!(u.pending_at_rmmod.total, 1900);
@@ -700,7 +505,7 @@ mod tests {
             "{lines}"
         );
 
-        let sparse: Unload = serde_json::from_str(r#"{"rounds":2}"#).unwrap();
+        let sparse: UnloadReport = serde_json::from_str(r#"{"rounds":2}"#).unwrap();
         assert_eq!((sparse.rounds, sparse.cut_off_enodev), (2, 0));
         assert_eq!(sparse.pending_at_rmmod.min, None);
     }
@@ -719,32 +524,6 @@ mod tests {
         std::fs::write(&log, "fencelab-device: seed x\n").unwrap();
         assert_eq!(seed_from_log(&log), None);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn accounting_lines_name_only_what_happened() {
-        let a = Accounting {
-            submitted: 10,
-            completed: 8,
-            hung: 2,
-            irq_dropped: 1,
-            ..Accounting::default()
-        };
-        assert_eq!(a.accounted(), 10);
-        assert_eq!(
-            a.one_line(),
-            "10 submitted, 8 completed, 2 hung, 1 irq dropped"
-        );
-        let flushed = Accounting {
-            submitted: 10,
-            completed: 10,
-            flushed: 9,
-            ..Accounting::default()
-        };
-        assert_eq!(
-            flushed.one_line(),
-            "10 submitted, 10 completed, 9 flushed early (queue stop/reset)"
-        );
     }
 
     #[test]

@@ -31,12 +31,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fencelab_report::{DriverTotals, MsPercentiles, PendingAtRmmod, UnloadReport};
 use fencelab_stream::{Op, encode};
-use serde::Serialize;
 
 use crate::fencelab::FencelabNode;
 use crate::fencelab_uapi as fl;
-use crate::report::{MsPercentiles, Outcome};
+use crate::report::Outcome;
 use crate::sync_file::{self, Readiness, Status};
 use crate::uapi;
 
@@ -73,37 +73,19 @@ struct Job {
     with_deadline: bool,
 }
 
-/// The driver's debugfs totals that the report shows.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct DriverTotals {
-    ordering_violations: u64,
-    timeouts: u64,
-    hints_sent: u64,
-    hints_dropped: u64,
-}
-
-impl DriverTotals {
-    /// Parses the `total key=value ...` line of the debugfs file.
-    fn parse(text: &str) -> Option<Self> {
-        let line = text.lines().find(|l| l.starts_with("total "))?;
-        let value = |key: &str| -> Option<u64> {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-        };
-        Some(Self {
-            ordering_violations: value("ordering_violations")?,
-            timeouts: value("timeouts")?,
-            hints_sent: value("hints_sent")?,
-            hints_dropped: value("hints_dropped")?,
-        })
-    }
-
-    fn add(&mut self, other: Self) {
-        self.ordering_violations += other.ordering_violations;
-        self.timeouts += other.timeouts;
-        self.hints_sent += other.hints_sent;
-        self.hints_dropped += other.hints_dropped;
-    }
+/// Parses the `total key=value ...` line of the driver's debugfs file.
+fn parse_driver_totals(text: &str) -> Option<DriverTotals> {
+    let line = text.lines().find(|l| l.starts_with("total "))?;
+    let value = |key: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    Some(DriverTotals {
+        ordering_violations: value("ordering_violations")?,
+        timeouts: value("timeouts")?,
+        hints_sent: value("hints_sent")?,
+        hints_dropped: value("hints_dropped")?,
+    })
 }
 
 /// Figures of the whole run, printed at the end and reported as
@@ -124,44 +106,6 @@ struct Figures {
     /// `modprobe` to the first fence SUBMIT returned, rounds after the first.
     load_to_first_submit_ms: Vec<f64>,
     driver: DriverTotals,
-}
-
-/// Fences still pending right before the `rmmod`s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct PendingAtRmmod {
-    /// Null when no round reached its `rmmod`.
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    pub total: u64,
-}
-
-/// The `unload` object of the result line: what happened to the fences at
-/// the unloads. `completed_before_rmmod + cut_off_enodev` fences signaled
-/// (the run's `fences_signaled`); `other_errors` and
-/// `unsignaled_after_rmmod` must be 0.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UnloadReport {
-    /// Rounds whose `rmmod` succeeded.
-    pub rounds: u64,
-    pub pending_at_rmmod: PendingAtRmmod,
-    /// Signaled successfully: the device completed them before the unload.
-    pub completed_before_rmmod: u64,
-    /// Signaled with `-ENODEV`: the unload cut them off.
-    pub cut_off_enodev: u64,
-    /// Signaled with another error, or their FILE_INFO failed.
-    pub other_errors: u64,
-    /// Not signaled after the unload.
-    pub unsignaled_after_rmmod: u64,
-    /// Fences given a `SYNC_IOC_SET_DEADLINE`.
-    pub deadlines_set: u64,
-    /// How long each successful `delete_module` call took.
-    pub rmmod_ms: MsPercentiles,
-    /// From `modprobe` to the first fence SUBMIT returned, for each round
-    /// that loaded the module (all but the first).
-    pub load_to_first_submit_ms: MsPercentiles,
-    /// The driver's debugfs totals, summed over the rounds (read before each
-    /// unload).
-    pub driver: DriverTotals,
 }
 
 impl Figures {
@@ -279,7 +223,7 @@ fn one_round(
 
     let totals = std::fs::read_to_string(DEBUGFS_TIMELINES)
         .ok()
-        .and_then(|t| DriverTotals::parse(&t));
+        .and_then(|t| parse_driver_totals(&t));
     match totals {
         Some(t) => figures.driver.add(t),
         None => eprintln!("fence-hammer: {label}: no driver totals in {DEBUGFS_TIMELINES}"),
@@ -515,7 +459,7 @@ mod tests {
     #[test]
     fn driver_totals_parse_the_debugfs_line() {
         let text = "device_ctx fence_ctx last_submitted\n1 5 3 2 1 2 0 0 1\ntotal submitted=3 completed=2 errors=0 timeouts=4 cancelled=0 ordering_violations=7 pending=1 late_answers=0 bad_answers=0 unfenced_errors=0 hints_sent=9 hints_dropped=2\n";
-        let t = DriverTotals::parse(text).unwrap();
+        let t = parse_driver_totals(text).unwrap();
         assert_eq!(
             (
                 t.ordering_violations,
@@ -525,8 +469,8 @@ mod tests {
             ),
             (7, 4, 9, 2)
         );
-        assert!(DriverTotals::parse("no totals here").is_none());
-        assert!(DriverTotals::parse("total submitted=1").is_none());
+        assert!(parse_driver_totals("no totals here").is_none());
+        assert!(parse_driver_totals("total submitted=1").is_none());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use clap::error::ErrorKind;
 use crate::drm::{RenderNode, WriteBuffer};
 use crate::fencelab::FencelabNode;
 use crate::readback::{SlotMap, SlotMemory};
-use crate::report::ResultLine;
+use crate::report::{ResultLine, result_line, setup_error_line, to_line};
 use crate::workloads::{Context, FenceSource, Params};
 
 const EXIT_NOT_OK: u8 = 1;
@@ -130,7 +130,7 @@ impl Opened {
 }
 
 fn emit(line: &ResultLine) {
-    println!("{}", line.to_line());
+    println!("{}", to_line(line));
 }
 
 fn setup_error(
@@ -141,12 +141,7 @@ fn setup_error(
 ) -> ExitCode {
     eprintln!("fence-hammer: {err}");
     let device = device.map(|d| d.display().to_string());
-    emit(&ResultLine::setup_error(
-        workload,
-        device.as_deref(),
-        driver,
-        err,
-    ));
+    emit(&setup_error_line(workload, device.as_deref(), driver, err));
     ExitCode::from(EXIT_SETUP)
 }
 
@@ -162,7 +157,7 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("").trim();
             let msg = format!("usage: {}", first.strip_prefix("error: ").unwrap_or(first));
-            emit(&ResultLine::setup_error(None, None, None, msg));
+            emit(&setup_error_line(None, None, None, msg));
             return ExitCode::from(EXIT_SETUP);
         }
     };
@@ -251,7 +246,7 @@ fn main() -> ExitCode {
     };
     let outcome = (workload.run)(&mut ctx);
 
-    let line = ResultLine::from_outcome(workload.name, &device, &driver, &outcome);
+    let line = result_line(workload.name, &device, &driver, &outcome);
     emit(&line);
     if line.ok {
         ExitCode::SUCCESS
@@ -299,7 +294,7 @@ fn unload_live(cli: &Cli) -> ExitCode {
         cfg.work_ns
     );
     let (outcome, device, figures) = fencelab_unload::run(&cfg);
-    let mut line = ResultLine::from_outcome(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
+    let mut line = result_line(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
     line.unload = Some(figures);
     emit(&line);
     if line.ok {

@@ -1,15 +1,13 @@
 //! What a workload counted, and the one `FENCELAB_RESULT {json}` line the
-//! host reads from the guest console.
+//! host reads from the guest console (its type, [`ResultLine`], is
+//! `fencelab-report`'s, which xtask reads it with).
 
 use std::time::Duration;
 
-use serde::Serialize;
+pub use fencelab_report::ResultLine;
+use fencelab_report::{RESULT_MARKER, RttUs, round_to};
 
-use crate::fencelab_unload::UnloadReport;
 use crate::readback::PrematureCheck;
-
-/// Prefix of the result line on stdout.
-pub const RESULT_PREFIX: &str = "FENCELAB_RESULT ";
 
 /// Counters of one workload run.
 ///
@@ -79,207 +77,77 @@ impl Outcome {
     }
 }
 
-/// Nearest-rank percentile (`q` in 0..=1) of an ascending slice.
-pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// Round-trip percentiles in microseconds; null when nothing completed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct RttUs {
-    pub p50: Option<u64>,
-    pub p99: Option<u64>,
-    pub max: Option<u64>,
-}
-
-impl RttUs {
-    pub fn from_ns(samples: &[u64]) -> Self {
-        let mut us: Vec<u64> = samples.iter().map(|ns| ns / 1_000).collect();
-        us.sort_unstable();
-        Self {
-            p50: percentile(&us, 0.50),
-            p99: percentile(&us, 0.99),
-            max: us.last().copied(),
-        }
-    }
-}
-
-/// Millisecond percentiles (nearest rank, 3 decimals); null when nothing
-/// was measured.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct MsPercentiles {
-    pub p50: Option<f64>,
-    pub p99: Option<f64>,
-    pub max: Option<f64>,
-}
-
-impl MsPercentiles {
-    pub fn from_ms(samples: &[f64]) -> Self {
-        let mut ms = samples.to_vec();
-        ms.sort_by(f64::total_cmp);
-        let pick = |q: f64| -> Option<f64> {
-            let rank = (q * ms.len() as f64).ceil() as usize;
-            let i = rank.clamp(1, ms.len().max(1)) - 1;
-            ms.get(i).map(|x| round_to(*x, 3))
-        };
-        Self {
-            p50: pick(0.50),
-            p99: pick(0.99),
-            max: pick(1.0),
-        }
+/// The result line of a run that got as far as its workload.
+pub fn result_line(workload: &str, device: &str, driver: &str, o: &Outcome) -> ResultLine {
+    let secs = o.elapsed.as_secs_f64();
+    let per_s = if secs > 0.0 {
+        o.counts.signaled as f64 / secs
+    } else {
+        0.0
+    };
+    ResultLine {
+        workload: Some(workload.to_string()),
+        device: Some(device.to_string()),
+        driver: Some(driver.to_string()),
+        fences_submitted: o.counts.submitted,
+        fences_signaled: o.counts.signaled,
+        fence_errors: o.counts.errors,
+        fence_timeouts: o.counts.timeouts,
+        out_of_order: o.counts.out_of_order,
+        elapsed_ms: round_to(secs * 1e3, 3),
+        fences_per_s: round_to(per_s, 1),
+        rtt_us: RttUs::from_ns(&o.rtt_ns),
+        first_error: o.first_error.clone(),
+        timeline_name: o.timeline_name.clone(),
+        premature_signals: o.premature.premature,
+        premature_fences: o.premature.first.clone(),
+        write_checks: o.premature.checks,
+        submit_failures: o.counts.submit_failures,
+        unload: None,
+        ok: o.counts.ok(),
     }
 }
 
-/// The JSON object of the result line. Field order is the key order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ResultLine {
-    pub workload: Option<String>,
-    pub device: Option<String>,
-    pub driver: Option<String>,
-    pub fences_submitted: u64,
-    pub fences_signaled: u64,
-    pub fence_errors: u64,
-    pub fence_timeouts: u64,
-    pub out_of_order: u64,
-    pub elapsed_ms: f64,
-    pub fences_per_s: f64,
-    pub rtt_us: RttUs,
-    pub first_error: Option<String>,
-    pub timeline_name: Option<String>,
-    /// Fences seen signaled before their WRITE landed.
-    pub premature_signals: u64,
-    /// The first few of them, by fence number (0-based submission order).
-    pub premature_fences: Vec<u64>,
-    /// WRITE read-backs done (0 with `--no-write`).
-    pub write_checks: u64,
-    /// EXECBUFFER ioctls that failed (also in `fence_errors`).
-    pub submit_failures: u64,
-    /// `unload-live`'s own figures; absent for the other workloads.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unload: Option<UnloadReport>,
-    pub ok: bool,
+/// The result line of a run that never started (bad usage, no device).
+pub fn setup_error_line(
+    workload: Option<&str>,
+    device: Option<&str>,
+    driver: Option<&str>,
+    error: String,
+) -> ResultLine {
+    ResultLine {
+        workload: workload.map(str::to_string),
+        device: device.map(str::to_string),
+        driver: driver.map(str::to_string),
+        fences_submitted: 0,
+        fences_signaled: 0,
+        fence_errors: 0,
+        fence_timeouts: 0,
+        out_of_order: 0,
+        elapsed_ms: 0.0,
+        fences_per_s: 0.0,
+        rtt_us: RttUs::default(),
+        first_error: Some(error),
+        timeline_name: None,
+        premature_signals: 0,
+        premature_fences: Vec::new(),
+        write_checks: 0,
+        submit_failures: 0,
+        unload: None,
+        ok: false,
+    }
 }
 
-fn round_to(x: f64, decimals: i32) -> f64 {
-    let k = 10f64.powi(decimals);
-    (x * k).round() / k
-}
-
-impl ResultLine {
-    pub fn from_outcome(workload: &str, device: &str, driver: &str, o: &Outcome) -> Self {
-        let secs = o.elapsed.as_secs_f64();
-        let per_s = if secs > 0.0 {
-            o.counts.signaled as f64 / secs
-        } else {
-            0.0
-        };
-        Self {
-            workload: Some(workload.to_string()),
-            device: Some(device.to_string()),
-            driver: Some(driver.to_string()),
-            fences_submitted: o.counts.submitted,
-            fences_signaled: o.counts.signaled,
-            fence_errors: o.counts.errors,
-            fence_timeouts: o.counts.timeouts,
-            out_of_order: o.counts.out_of_order,
-            elapsed_ms: round_to(secs * 1e3, 3),
-            fences_per_s: round_to(per_s, 1),
-            rtt_us: RttUs::from_ns(&o.rtt_ns),
-            first_error: o.first_error.clone(),
-            timeline_name: o.timeline_name.clone(),
-            premature_signals: o.premature.premature,
-            premature_fences: o.premature.first.clone(),
-            write_checks: o.premature.checks,
-            submit_failures: o.counts.submit_failures,
-            unload: None,
-            ok: o.counts.ok(),
-        }
-    }
-
-    /// The line for a run that never started (bad usage, no device).
-    pub fn setup_error(
-        workload: Option<&str>,
-        device: Option<&str>,
-        driver: Option<&str>,
-        error: String,
-    ) -> Self {
-        Self {
-            workload: workload.map(str::to_string),
-            device: device.map(str::to_string),
-            driver: driver.map(str::to_string),
-            fences_submitted: 0,
-            fences_signaled: 0,
-            fence_errors: 0,
-            fence_timeouts: 0,
-            out_of_order: 0,
-            elapsed_ms: 0.0,
-            fences_per_s: 0.0,
-            rtt_us: RttUs {
-                p50: None,
-                p99: None,
-                max: None,
-            },
-            first_error: Some(error),
-            timeline_name: None,
-            premature_signals: 0,
-            premature_fences: Vec::new(),
-            write_checks: 0,
-            submit_failures: 0,
-            unload: None,
-            ok: false,
-        }
-    }
-
-    /// `FENCELAB_RESULT {json}`, one line (serde_json escapes newlines).
-    pub fn to_line(&self) -> String {
-        let json = serde_json::to_string(self).expect("ResultLine always serializes");
-        format!("{RESULT_PREFIX}{json}")
-    }
+/// `FENCELAB_RESULT {json}`, one line (serde_json escapes newlines).
+pub fn to_line(line: &ResultLine) -> String {
+    let json = serde_json::to_string(line).expect("ResultLine always serializes");
+    format!("{RESULT_MARKER}{json}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.50), Some(50));
-        assert_eq!(percentile(&v, 0.99), Some(99));
-        assert_eq!(percentile(&v, 1.0), Some(100));
-        assert_eq!(percentile(&v, 0.0), Some(1));
-        assert_eq!(percentile(&[7], 0.99), Some(7));
-        assert_eq!(percentile(&[1, 2, 3], 0.5), Some(2));
-        assert_eq!(percentile(&[1, 2, 3, 4], 0.5), Some(2));
-        assert_eq!(percentile(&[], 0.5), None);
-    }
-
-    #[test]
-    fn rtt_is_sorted_and_in_microseconds() {
-        // Unsorted nanoseconds: 3 ms, 1 ms, 2 ms, 100 ms.
-        let r = RttUs::from_ns(&[3_000_000, 1_000_000, 2_000_999, 100_000_000]);
-        assert_eq!(
-            r,
-            RttUs {
-                p50: Some(2_000),
-                p99: Some(100_000),
-                max: Some(100_000)
-            }
-        );
-        assert_eq!(
-            RttUs::from_ns(&[]),
-            RttUs {
-                p50: None,
-                p99: None,
-                max: None
-            }
-        );
-    }
 
     #[test]
     fn ok_needs_every_fence_signaled_and_no_violation() {
@@ -323,7 +191,7 @@ mod tests {
 
     fn parse(line: &str) -> serde_json::Map<String, Value> {
         assert!(!line.contains('\n'));
-        let json = line.strip_prefix(RESULT_PREFIX).expect("prefix");
+        let json = line.strip_prefix(RESULT_MARKER).expect("prefix");
         match serde_json::from_str::<Value>(json).unwrap() {
             Value::Object(m) => m,
             other => panic!("not an object: {other}"),
@@ -370,8 +238,12 @@ mod tests {
                 first: vec![1, 3],
             },
         };
-        let line =
-            ResultLine::from_outcome("smoke", "/dev/dri/renderD128", "virtio_gpu", &o).to_line();
+        let line = to_line(&result_line(
+            "smoke",
+            "/dev/dri/renderD128",
+            "virtio_gpu",
+            &o,
+        ));
         let m = parse(&line);
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
         let mut want = KEYS.to_vec();
@@ -407,15 +279,6 @@ mod tests {
     }
 
     #[test]
-    fn ms_percentiles_are_nearest_rank_and_null_when_empty() {
-        let p = MsPercentiles::from_ms(&[3.0, 1.0004, 2.5, 100.0]);
-        assert_eq!((p.p50, p.p99, p.max), (Some(2.5), Some(100.0), Some(100.0)));
-        assert_eq!(MsPercentiles::from_ms(&[1.23456]).p50, Some(1.235));
-        let none = MsPercentiles::from_ms(&[]);
-        assert_eq!((none.p50, none.p99, none.max), (None, None, None));
-    }
-
-    #[test]
     fn the_unload_object_comes_before_ok_when_there_is_one() {
         let o = Outcome {
             counts: Counts {
@@ -425,11 +288,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let mut line = ResultLine::from_outcome("unload-live", "/d", "fencelab_drm", &o);
-        assert!(!line.to_line().contains("\"unload\""), "absent when None");
-        let report = UnloadReport {
+        let mut line = result_line("unload-live", "/d", "fencelab_drm", &o);
+        assert!(!to_line(&line).contains("\"unload\""), "absent when None");
+        let report = fencelab_report::UnloadReport {
             rounds: 1,
-            pending_at_rmmod: crate::fencelab_unload::PendingAtRmmod {
+            pending_at_rmmod: fencelab_report::PendingAtRmmod {
                 min: Some(1),
                 max: Some(1),
                 total: 1,
@@ -439,12 +302,12 @@ mod tests {
             other_errors: 0,
             unsignaled_after_rmmod: 0,
             deadlines_set: 1,
-            rmmod_ms: MsPercentiles::from_ms(&[2.0]),
-            load_to_first_submit_ms: MsPercentiles::from_ms(&[]),
+            rmmod_ms: fencelab_report::MsPercentiles::from_ms(&[2.0]),
+            load_to_first_submit_ms: fencelab_report::MsPercentiles::from_ms(&[]),
             driver: Default::default(),
         };
         line.unload = Some(report);
-        let text = line.to_line();
+        let text = to_line(&line);
         let m = parse(&text);
         assert_eq!(m["unload"]["cut_off_enodev"], 1);
         assert_eq!(m["unload"]["rmmod_ms"]["max"], 2.0);
@@ -469,7 +332,7 @@ mod tests {
             o.note_error(format!("later error {i}"));
         }
         assert_eq!(o.errors_logged, MAX_ERRORS_LOGGED + 6);
-        let m = parse(&ResultLine::from_outcome("smoke", "/d", "virtio_gpu", &o).to_line());
+        let m = parse(&to_line(&result_line("smoke", "/d", "virtio_gpu", &o)));
         assert_eq!(m["ok"], false);
         assert_eq!(m["fence_timeouts"], 1);
         assert_eq!(m["first_error"], "fence #2: not signaled after 10000 ms");
@@ -482,13 +345,13 @@ mod tests {
 
     #[test]
     fn setup_error_line_has_every_key() {
-        let line = ResultLine::setup_error(
+        let line = setup_error_line(
             Some("smoke"),
             None,
             None,
             "no virtio_gpu render node:\n/dev/dri has no renderD* entries".into(),
-        )
-        .to_line();
+        );
+        let line = to_line(&line);
         let m = parse(&line);
         assert_eq!(m.len(), KEYS.len());
         assert_eq!(m["ok"], false);
