@@ -49,7 +49,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -60,7 +60,7 @@ use vmm_sys_util::event::{
 use crate::decode::{self, Command};
 use crate::engine::{Clock, Engine, Submission, planned_due};
 use crate::fault::{Decide, Decision, FenceInfo, TimelineId, TraceEvent, Tracer};
-use crate::gpu::{DeadlineHint, Gpu, GuestRanges, GuestWrite, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
+use crate::gpu::{DeadlineHint, Gpu, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
 use crate::protocol::*;
 use crate::stats::Stats;
 
@@ -451,7 +451,8 @@ impl FencelabGpu {
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
 
         let Some(d) = decided else {
-            land_now(mem, &outcome.writes);
+            // An unfenced command's WRITEs land before its chain goes back.
+            completion::store_writes(mem, &outcome.writes);
             return Answer::Now(len);
         };
         self.tracer.record(TraceEvent::Decide {
@@ -517,15 +518,6 @@ struct Reply<'a> {
     command: &'static str,
     queue: u16,
     head: u16,
-}
-
-/// Stores the `WRITE`s of an unfenced command before its chain goes back.
-fn land_now(mem: &Mem, writes: &[GuestWrite]) {
-    for w in writes {
-        if let Err(e) = mem.write_slice(&w.bytes, GuestAddress(w.addr)) {
-            warn!(addr = w.addr, "cannot store a WRITE value: {e}");
-        }
-    }
 }
 
 /// Reads the whole device-readable part of a chain, refusing absurd sizes.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::{CONTROL_QUEUE, SharedMem, lock, notify};
 use crate::engine::{Notifier, Sink};
@@ -43,8 +43,8 @@ impl VringSink {
     }
 
     /// Stores `writes` in the current guest memory; returns the ones that
-    /// landed as (address, value). One that cannot land (memory gone) is
-    /// logged and skipped: the fence still completes.
+    /// landed as (address, value). Without memory (the frontend is gone)
+    /// they are logged and dropped: the fence still completes.
     fn land(&self, writes: &[GuestWrite]) -> Vec<(u64, u64)> {
         if writes.is_empty() {
             return Vec::new();
@@ -54,16 +54,21 @@ impl VringSink {
             warn!("no guest memory: {} WRITE(s) dropped", writes.len());
             return Vec::new();
         };
-        let mem = atomic.memory();
-        let mut landed = Vec::with_capacity(writes.len());
-        for w in writes {
-            match mem.write_slice(&w.bytes, GuestAddress(w.addr)) {
-                Ok(()) => landed.push((w.addr, le_value(&w.bytes))),
-                Err(e) => warn!(addr = w.addr, "cannot store a WRITE value: {e}"),
-            }
-        }
-        landed
+        store_writes(&*atomic.memory(), writes)
     }
+}
+
+/// Stores `writes` in `mem`, in order; returns the ones that landed as
+/// (address, value). One that cannot land is logged and skipped.
+pub fn store_writes<M: GuestMemoryBackend>(mem: &M, writes: &[GuestWrite]) -> Vec<(u64, u64)> {
+    let mut landed = Vec::with_capacity(writes.len());
+    for w in writes {
+        match mem.write_slice(&w.bytes, GuestAddress(w.addr)) {
+            Ok(()) => landed.push((w.addr, le_value(&w.bytes))),
+            Err(e) => warn!(addr = w.addr, "cannot store a WRITE value: {e}"),
+        }
+    }
+    landed
 }
 
 /// The first 8 bytes as a little-endian u64 (zero-padded): how a WRITE
