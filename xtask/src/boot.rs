@@ -3,7 +3,7 @@
 //! kernel's verdict from the console; stop everything; report.
 
 use crate::console::{self, ConsoleReport, RESULT_MARKER, WORKLOAD_END_MARKER};
-use crate::guest::{self, Companion, Guest};
+use crate::guest::{self, Attempt, Companion, Guest};
 use crate::qemu::{Accel, GuestSpec};
 use crate::report::{
     self, DeviceSummary, EarlyBootStall, Finding, KernelInfo, ResultLine, RunInfo, Summary,
@@ -227,40 +227,11 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
         prepare_secs: started.elapsed().as_secs_f64(),
     };
 
-    let mut stalls = Vec::new();
-    loop {
-        match run_once(args, &prepared)? {
-            Attempt::Done(mut summary) => {
-                summary.early_boot_stalls = stalls;
-                return Ok(*summary);
-            }
-            Attempt::StalledBeforeInit(stall) if stalls.len() < MAX_EARLY_BOOT_RETRIES => {
-                step(format!(
-                    "booting again ({} of {} retries): the stall happened before the init, so nothing of the run was lost",
-                    stalls.len() + 1,
-                    MAX_EARLY_BOOT_RETRIES
-                ));
-                stalls.push(stall);
-            }
-            Attempt::StalledBeforeInit(stall) => {
-                stalls.push(stall);
-                bail!(
-                    "the guest kernel stalled before reaching the init {} times in a row (runs: {}); \
-                     the host may be overloaded (QEMU's multi-threaded TCG)",
-                    stalls.len(),
-                    stalls
-                        .iter()
-                        .map(|s| s.run_dir.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-        }
-    }
+    let (mut summary, stalls) =
+        guest::retry_early_boot_stalls(&args.workload, || run_once(args, &prepared))?;
+    summary.early_boot_stalls = stalls;
+    Ok(*summary)
 }
-
-/// How often a boot whose kernel stalls before the init is started again.
-const MAX_EARLY_BOOT_RETRIES: usize = 2;
 
 /// What every attempt of one `execute` shares.
 struct Prepared {
@@ -271,13 +242,8 @@ struct Prepared {
     prepare_secs: f64,
 }
 
-enum Attempt {
-    Done(Box<Summary>),
-    StalledBeforeInit(EarlyBootStall),
-}
-
 /// Boots the guest once with a fresh device.
-fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt> {
+fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt<Box<Summary>>> {
     let Prepared {
         kernel,
         initramfs,
@@ -347,7 +313,7 @@ fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt> {
         if device.wait_for(Duration::from_secs(10))?.is_none() {
             device.stop(Duration::from_secs(3))?;
         }
-        return Ok(Attempt::StalledBeforeInit(EarlyBootStall {
+        return Ok(Attempt::Stalled(EarlyBootStall {
             run_dir,
             after_line,
             last_line,

@@ -6,6 +6,7 @@
 use crate::console::{BOOT_MARKER, RESULT_MARKER, WORKLOAD_END_MARKER, WORKLOAD_START_MARKER};
 use crate::paths;
 use crate::qemu::GuestSpec;
+use crate::report::EarlyBootStall;
 use crate::supervise::{Supervised, was_interrupted};
 use anyhow::{Context, Result};
 use std::fs::{self, File};
@@ -62,6 +63,51 @@ pub struct Marks {
 /// few seconds; the stalls seen on loaded 2-core hosts (both vCPUs spinning
 /// right after SMP bring-up, QEMU 10.0.2 multi-threaded TCG) never resume.
 pub const EARLY_BOOT_STALL: Duration = Duration::from_secs(120);
+
+/// How often a boot whose kernel stalls early is started again.
+pub const MAX_EARLY_BOOT_RETRIES: usize = 2;
+
+/// One boot attempt: its result, or an early-boot stall worth retrying
+/// (nothing of ours had run yet).
+pub enum Attempt<T> {
+    Done(T),
+    Stalled(EarlyBootStall),
+}
+
+/// Runs `attempt` again after each early-boot stall, at most
+/// [`MAX_EARLY_BOOT_RETRIES`] times; returns the result and the stalls it
+/// took to get there. `what` names the boot in messages.
+pub fn retry_early_boot_stalls<T>(
+    what: &str,
+    mut attempt: impl FnMut() -> Result<Attempt<T>>,
+) -> Result<(T, Vec<EarlyBootStall>)> {
+    let mut stalls: Vec<EarlyBootStall> = Vec::new();
+    loop {
+        match attempt()? {
+            Attempt::Done(result) => return Ok((result, stalls)),
+            Attempt::Stalled(stall) => {
+                let retry = stalls.len() < MAX_EARLY_BOOT_RETRIES;
+                stalls.push(stall);
+                if !retry {
+                    anyhow::bail!(
+                        "{what}: the guest kernel stalled early in boot {} times in a row (runs: {}); \
+                         the host may be overloaded (QEMU's multi-threaded TCG)",
+                        stalls.len(),
+                        stalls
+                            .iter()
+                            .map(|s| s.run_dir.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                step(format!(
+                    "{what}: booting again ({} of {MAX_EARLY_BOOT_RETRIES} retries): the kernel stalled before anything of the run had started",
+                    stalls.len()
+                ));
+            }
+        }
+    }
+}
 
 /// How supervision ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +346,42 @@ impl ConsoleTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stall(n: usize) -> EarlyBootStall {
+        EarlyBootStall {
+            run_dir: PathBuf::from(format!("/runs/{n}")),
+            after_line: 169,
+            last_line: "smpboot: x86: Booting SMP configuration:".into(),
+        }
+    }
+
+    #[test]
+    fn early_boot_stalls_are_retried_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let (result, stalls) = retry_early_boot_stalls("test", || {
+            calls += 1;
+            Ok(if calls <= MAX_EARLY_BOOT_RETRIES {
+                Attempt::Stalled(stall(calls))
+            } else {
+                Attempt::Done(calls)
+            })
+        })
+        .unwrap();
+        assert_eq!(result, MAX_EARLY_BOOT_RETRIES + 1);
+        assert_eq!(stalls.len(), MAX_EARLY_BOOT_RETRIES);
+
+        let mut calls = 0;
+        let err = retry_early_boot_stalls::<()>("test", || {
+            calls += 1;
+            Ok(Attempt::Stalled(stall(calls)))
+        })
+        .unwrap_err();
+        assert_eq!(calls, MAX_EARLY_BOOT_RETRIES + 1);
+        assert!(err.to_string().contains("/runs/3"), "{err}");
+
+        let (result, stalls) = retry_early_boot_stalls("test", || Ok(Attempt::Done(7))).unwrap();
+        assert_eq!((result, stalls.len()), (7, 0));
+    }
 
     /// The console reader notes the last line, when it came, and whether
     /// the init announced itself: what the early-boot stall check reads.

@@ -4,12 +4,12 @@
 //! during the tests fails the run even when every case passed.
 
 use crate::console;
-use crate::guest::{self, Guest};
+use crate::guest::{self, Attempt, Guest};
 use crate::ktap::{self, Outcome};
 use crate::qemu::{Accel, GuestSpec};
+use crate::report::EarlyBootStall;
 use crate::{image, kernel, setup};
 use anyhow::{Result, bail};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// The KUnit tests of fencelab's kernel patch series: its own suites, and
@@ -85,36 +85,10 @@ fn run_filter(
     kernel: &kernel::Kernel,
     initramfs: &std::path::Path,
 ) -> Result<Counts> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match boot_filter(args, filter, kernel, initramfs)? {
-            Boot::Done(counts) => return Ok(counts),
-            Boot::StalledBeforeKunit { run_dir, last_line }
-                if attempt <= MAX_EARLY_BOOT_RETRIES =>
-            {
-                eprintln!(
-                    "kunit: the kernel went silent before KUnit started ({last_line}; {}); booting again ({attempt} of {MAX_EARLY_BOOT_RETRIES} retries)",
-                    run_dir.display()
-                );
-            }
-            Boot::StalledBeforeKunit { run_dir, last_line } => {
-                bail!(
-                    "the kernel went silent before KUnit started {attempt} times in a row (last: {last_line}; {}); the host may be overloaded",
-                    run_dir.display()
-                );
-            }
-        }
-    }
-}
-
-/// How often a boot that stalls before KUnit starts is booted again (the
-/// stall is QEMU's multi-threaded TCG, see `guest::EARLY_BOOT_STALL`).
-const MAX_EARLY_BOOT_RETRIES: usize = 2;
-
-enum Boot {
-    Done(Counts),
-    StalledBeforeKunit { run_dir: PathBuf, last_line: String },
+    let (counts, _stalls) = guest::retry_early_boot_stalls(&format!("kunit {filter}"), || {
+        boot_filter(args, filter, kernel, initramfs)
+    })?;
+    Ok(counts)
 }
 
 fn boot_filter(
@@ -122,7 +96,7 @@ fn boot_filter(
     filter: &str,
     kernel: &kernel::Kernel,
     initramfs: &std::path::Path,
-) -> Result<Boot> {
+) -> Result<Attempt<Counts>> {
     let run_dir = guest::new_run_dir("kunit")?;
     eprintln!("kunit: {filter}; run folder {}", run_dir.display());
     let spec = GuestSpec {
@@ -152,7 +126,11 @@ fn boot_filter(
         // stall, boot again. Once they started, a silent kernel is a hang in
         // the code under test and a failure.
         if !outcome.console.contains("KTAP version") {
-            return Ok(Boot::StalledBeforeKunit { run_dir, last_line });
+            return Ok(Attempt::Stalled(EarlyBootStall {
+                run_dir,
+                after_line,
+                last_line,
+            }));
         }
         failures.push(format!(
             "the kernel went silent after console line {after_line} ({last_line}) while the suites ran"
@@ -200,7 +178,7 @@ fn boot_filter(
     for failure in &failures {
         println!("FAILURE: {failure}");
     }
-    Ok(Boot::Done(Counts {
+    Ok(Attempt::Done(Counts {
         passed: results.count(Outcome::Pass),
         failed: results.count(Outcome::Fail),
         skipped: results.count(Outcome::Skip),
