@@ -63,6 +63,10 @@ pub struct BootArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Build fencelab_drm with this deliberate bug in (harness self-test;
+    /// `cargo xtask scenario --list-bugs` lists them). Needs `--driver fencelab`.
+    #[arg(long, value_name = "BUG")]
+    pub inject_bug: Option<String>,
     /// Harness self-test: SIGKILL fencelab-device once the workload starts
     /// (the run must fail and leave nothing behind).
     #[arg(long, hide = true)]
@@ -144,6 +148,9 @@ impl BootArgs {
         if let Some(seed) = seed.or(self.seed) {
             words.push(format!("--seed {seed}"));
         }
+        if let Some(bug) = &self.inject_bug {
+            words.push(format!("--inject-bug {bug}"));
+        }
         words.extend(self.hammer_args.iter().map(|a| format!("--hammer-arg={a}")));
         words.join(" ")
     }
@@ -214,7 +221,18 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     step("kernel");
     let kernel = kernel::build(&toolchain, &kernel::KernelArgs::default())?;
     step("image");
-    let initramfs = image::build(&kernel)?;
+    let initramfs = match &args.inject_bug {
+        None => image::build(&kernel)?,
+        Some(name) => {
+            if args.driver != Driver::Fencelab {
+                bail!("--inject-bug {name}: the bugs are in fencelab_drm; add --driver fencelab");
+            }
+            let bug = crate::bugs::find(name)?;
+            step(format!("building fencelab_drm with bug {name} ({})", bug.summary));
+            let module = crate::bugs::build_module(&toolchain, &kernel, bug)?;
+            crate::bugs::initramfs_with_module(&kernel, &module)?
+        }
+    };
     if args.accel == Accel::Kvm {
         probe_kvm(&kernel.bzimage, &initramfs)?;
     }

@@ -4,6 +4,7 @@
 //! processes with their output shown or logged, never through shell scripts.
 
 mod boot;
+mod bugs;
 mod cmd;
 mod console;
 mod cpio;
