@@ -67,6 +67,10 @@ pub struct BootArgs {
     /// `cargo xtask scenario --list-bugs` lists them). Needs `--driver fencelab`.
     #[arg(long, value_name = "BUG")]
     pub inject_bug: Option<String>,
+    /// Fence errors with this errno name (e.g. ETIMEDOUT) are what the run
+    /// is for, not a failure (repeatable).
+    #[arg(long = "allow-fence-errors", value_name = "ERRNO")]
+    pub allow_fence_errors: Vec<String>,
     /// Harness self-test: SIGKILL fencelab-device once the workload starts
     /// (the run must fail and leave nothing behind).
     #[arg(long, hide = true)]
@@ -170,7 +174,7 @@ impl BootArgs {
 
 /// `path` relative to the workspace root when it lies below it (so that a
 /// reproduce line works from a fresh clone), else as given.
-fn shown_path(path: &Path) -> String {
+pub fn shown_path(path: &Path) -> String {
     let absolute = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let root =
         fs::canonicalize(paths::workspace_root()).unwrap_or_else(|_| paths::workspace_root());

@@ -1,0 +1,159 @@
+//! Judges one scenario run: the boot's own verdict (kernel splats, harness
+//! failures, device and guest agreeing), then the scenario's expectations.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::spec::Expect;
+use crate::boot::Driver;
+use crate::report::{Finding, Summary};
+
+/// How a run of a scenario on one driver came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Everything held.
+    Pass,
+    /// Everything the harness checks held; the driver showed the findings
+    /// listed (upstream `virtio_gpu` behaviour such as premature signals).
+    DriverFindings,
+    /// Something did not hold.
+    Fail,
+    /// The driver cannot run the scenario (the reason is given).
+    Unsupported,
+}
+
+/// A verdict and what it rests on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    /// Why it failed: the boot's failures, then broken expectations.
+    pub reasons: Vec<String>,
+    /// Findings about the driver, each with its evidence.
+    pub driver_findings: Vec<Finding>,
+}
+
+/// Judges `summary` (a finished boot) against `expect`. `guest` is the
+/// guest's result line as JSON (`None` when it printed none).
+pub fn judge(expect: &Expect, driver: Driver, summary: &Summary, guest: Option<&Value>) -> Judgement {
+    let mut reasons = summary.failures.clone();
+    let mut driver_findings = Vec::new();
+    for finding in &summary.findings {
+        let expected = expect.findings.contains(&finding.kind);
+        // fencelab_drm is ours: a finding it was not expected to show is a bug.
+        if driver == Driver::Fencelab && !expected {
+            reasons.push(format!(
+                "unexpected finding about fencelab_drm: {} ×{} ({})",
+                finding.kind, finding.count, finding.detail
+            ));
+        } else {
+            driver_findings.push(finding.clone());
+        }
+    }
+    if let Some(guest) = guest {
+        check_bounds(&expect.guest_min, guest, "guest", Bound::Min, &mut reasons);
+        check_bounds(&expect.guest_max, guest, "guest", Bound::Max, &mut reasons);
+    } else if !(expect.guest_min.is_empty() && expect.guest_max.is_empty()) {
+        reasons.push("no guest result line to check the expectations against".into());
+    }
+    let accounting = summary
+        .device
+        .as_ref()
+        .and_then(|d| d.accounting.as_ref())
+        .and_then(|a| serde_json::to_value(a).ok());
+    match accounting {
+        Some(accounting) => {
+            check_bounds(&expect.device_min, &accounting, "device", Bound::Min, &mut reasons)
+        }
+        None if !expect.device_min.is_empty() => {
+            reasons.push("no device accounting to check the expectations against".into())
+        }
+        None => {}
+    }
+    let verdict = if !reasons.is_empty() {
+        Verdict::Fail
+    } else if !driver_findings.is_empty() {
+        Verdict::DriverFindings
+    } else {
+        Verdict::Pass
+    };
+    Judgement {
+        verdict,
+        reasons,
+        driver_findings,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Bound {
+    Min,
+    Max,
+}
+
+fn check_bounds(
+    bounds: &std::collections::BTreeMap<String, u64>,
+    value: &Value,
+    whose: &str,
+    bound: Bound,
+    reasons: &mut Vec<String>,
+) {
+    for (path, &limit) in bounds {
+        match lookup(value, path) {
+            None => reasons.push(format!("{whose} {path}: not reported")),
+            Some(actual) => match bound {
+                Bound::Min if actual < limit => {
+                    reasons.push(format!("{whose} {path} = {actual}, expected at least {limit}"))
+                }
+                Bound::Max if actual > limit => {
+                    reasons.push(format!("{whose} {path} = {actual}, expected at most {limit}"))
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The unsigned integer at a dotted `path` (`array_order.violations`).
+/// A float field reads rounded down; anything else is `None`.
+pub fn lookup(value: &Value, path: &str) -> Option<u64> {
+    let mut at = value;
+    for key in path.split('.') {
+        at = at.get(key)?;
+    }
+    at.as_u64().or_else(|| at.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lookup_follows_dotted_paths_and_refuses_non_numbers() {
+        let v = json!({"a": {"b": 3, "s": "x"}, "f": 2.9, "neg": -1});
+        assert_eq!(lookup(&v, "a.b"), Some(3));
+        assert_eq!(lookup(&v, "f"), Some(2));
+        assert_eq!(lookup(&v, "a.s"), None);
+        assert_eq!(lookup(&v, "a.c"), None);
+        assert_eq!(lookup(&v, "neg"), None);
+    }
+
+    #[test]
+    fn bounds_report_what_was_seen_and_what_was_expected() {
+        let v = json!({"array_order": {"arrays": 0, "violations": 2}});
+        let mut reasons = Vec::new();
+        let min = [("array_order.arrays".to_string(), 1)].into();
+        let max = [("array_order.violations".to_string(), 0)].into();
+        check_bounds(&min, &v, "guest", Bound::Min, &mut reasons);
+        check_bounds(&max, &v, "guest", Bound::Max, &mut reasons);
+        check_bounds(&[("nope".to_string(), 0)].into(), &v, "guest", Bound::Max, &mut reasons);
+        assert_eq!(
+            reasons,
+            [
+                "guest array_order.arrays = 0, expected at least 1",
+                "guest array_order.violations = 2, expected at most 0",
+                "guest nope: not reported",
+            ]
+        );
+    }
+}
