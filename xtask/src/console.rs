@@ -1,13 +1,19 @@
 //! Reading the guest's serial console: the init's markers, the workload's
-//! result line, and the kernel's own verdict (splats).
+//! result line, and the kernel's own verdict (splats, see [`splat`]).
 //!
-//! The splat classes follow the ones syzkaller's `pkg/report/linux.go` and
-//! LKFT's log parser recognise. Each splat records whether it happened before
-//! the workload started (boot) or during it, because a boot-time splat is a
-//! finding about the kernel, not about the fence paths under test.
+//! Each splat records whether it happened before the workload started
+//! (boot), during it or after it, because a boot-time splat is a finding
+//! about the kernel, not about the fence paths under test.
 
-use serde::Serialize;
+mod prefix;
+mod signature;
+mod splat;
+#[cfg(test)]
+mod splat_fixtures;
+
 use std::collections::BTreeMap;
+
+pub use splat::{Phase, Splat};
 
 /// Marker lines printed by `images/init` and fence-hammer.
 pub const BOOT_MARKER: &str = "FENCELAB_BOOT";
@@ -16,149 +22,6 @@ pub const WORKLOAD_START_MARKER: &str = "FENCELAB_WORKLOAD_START";
 pub const WORKLOAD_END_MARKER: &str = "FENCELAB_WORKLOAD_END";
 pub use fencelab_report::RESULT_MARKER;
 pub const ERROR_MARKER: &str = "FENCELAB_ERROR";
-
-/// A class of kernel splat and the text that introduces it.
-struct SplatClass {
-    name: &'static str,
-    needle: &'static str,
-}
-
-/// Ordered so that the more specific class wins (KASAN before generic `BUG:`).
-const SPLAT_CLASSES: &[SplatClass] = &[
-    SplatClass {
-        name: "kasan",
-        needle: "BUG: KASAN:",
-    },
-    SplatClass {
-        name: "ubsan",
-        needle: "UBSAN:",
-    },
-    SplatClass {
-        name: "lockdep-circular",
-        needle: "possible circular locking dependency detected",
-    },
-    SplatClass {
-        name: "lockdep-recursive",
-        needle: "possible recursive locking detected",
-    },
-    SplatClass {
-        name: "lockdep-inconsistent",
-        needle: "inconsistent lock state",
-    },
-    SplatClass {
-        name: "lockdep-irq-unsafe",
-        needle: "-unsafe lock order detected",
-    },
-    SplatClass {
-        name: "lockdep-bad-unlock",
-        needle: "bad unlock balance detected",
-    },
-    SplatClass {
-        name: "lockdep-held-at-exit",
-        needle: "lock held when returning to user space",
-    },
-    SplatClass {
-        name: "suspicious-rcu",
-        needle: "suspicious RCU usage",
-    },
-    SplatClass {
-        name: "sleep-in-atomic",
-        needle: "BUG: sleeping function called from invalid context",
-    },
-    SplatClass {
-        name: "scheduling-while-atomic",
-        needle: "BUG: scheduling while atomic",
-    },
-    SplatClass {
-        name: "soft-lockup",
-        needle: "BUG: soft lockup",
-    },
-    SplatClass {
-        name: "rcu-stall",
-        needle: "rcu: INFO: rcu_",
-    },
-    SplatClass {
-        name: "rcu-stall",
-        needle: "self-detected stall on CPU",
-    },
-    SplatClass {
-        name: "hung-task",
-        needle: "blocked for more than",
-    },
-    SplatClass {
-        name: "kernel-bug",
-        needle: "kernel BUG at",
-    },
-    SplatClass {
-        name: "gpf",
-        needle: "general protection fault",
-    },
-    SplatClass {
-        name: "oops",
-        needle: "Oops:",
-    },
-    SplatClass {
-        name: "bug",
-        needle: "BUG: ",
-    },
-    SplatClass {
-        name: "warning",
-        needle: "WARNING: ",
-    },
-    SplatClass {
-        name: "panic",
-        needle: "Kernel panic - not syncing",
-    },
-    SplatClass {
-        name: "rust-panic",
-        needle: "rust_kernel: panicked",
-    },
-];
-
-/// When, relative to the workload, a splat appeared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Boot,
-    Workload,
-    Shutdown,
-}
-
-/// One kernel splat found on the console.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Splat {
-    pub class: &'static str,
-    pub phase: Phase,
-    /// The line that introduced it, without the printk timestamp.
-    pub title: String,
-    /// The console line number (1-based) where it starts.
-    pub line: usize,
-    /// Up to [`EXCERPT_LINES`] lines from the splat on.
-    pub excerpt: Vec<String>,
-}
-
-impl Splat {
-    /// One-line description used in the `splats` list of the summary.
-    pub fn summary(&self) -> String {
-        format!(
-            "[{}] {} ({}, console line {})",
-            self.class,
-            self.title,
-            phase_name(self.phase),
-            self.line
-        )
-    }
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Boot => "before workload",
-        Phase::Workload => "during workload",
-        Phase::Shutdown => "after workload",
-    }
-}
-
-pub const EXCERPT_LINES: usize = 40;
 
 /// Everything the host learns from the console.
 #[derive(Debug, Default)]
@@ -172,46 +35,21 @@ pub struct ConsoleReport {
     pub splats: Vec<Splat>,
 }
 
-/// The text of a console line after its printk timestamp
-/// (`[   12.345678] `), if it has one. Indentation after the timestamp's
-/// separating space is kept: KTAP nests by it. Splat matching trims it.
+/// The message of a console line: after the printk log level, timestamp
+/// (`[   12.345678]`) and caller id (`[  T123]`), when it has them.
+/// Indentation after the separating space is kept: KTAP nests by it.
 pub fn printk_body(line: &str) -> &str {
-    let line = line.trim_end_matches('\r');
-    if let Some(rest) = line.trim_start().strip_prefix('[')
-        && let Some(end) = rest.find(']')
-        && rest[..end]
-            .trim()
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == '.')
-    {
-        let after = &rest[end + 1..];
-        return after.strip_prefix(' ').unwrap_or(after);
-    }
-    line
-}
-
-fn strip_timestamp(line: &str) -> &str {
-    printk_body(line).trim_start()
-}
-
-/// Classifies one console line as the start of a splat, if it is one.
-fn classify(line: &str) -> Option<&'static str> {
-    SPLAT_CLASSES
-        .iter()
-        .find(|c| line.contains(c.needle))
-        .map(|c| c.name)
+    prefix::split(line).body
 }
 
 /// Parses a complete console log.
 pub fn parse(console: &str) -> ConsoleReport {
-    let lines: Vec<&str> = console.lines().collect();
     let mut report = ConsoleReport::default();
     let mut phase = Phase::Boot;
-    // A splat's follow-up lines (`WARNING:` inside a KASAN report, the
-    // `BUG:` line after `Oops:`…) belong to it; skip until its end.
-    let mut inside_until = 0usize;
-    for (index, raw) in lines.iter().enumerate() {
-        let line = strip_timestamp(raw.trim_end_matches('\r'));
+    let mut splats = splat::Scanner::default();
+    for (index, raw) in console.lines().enumerate() {
+        let split = prefix::split(raw);
+        let line = split.body.trim_start();
         if let Some(rest) = line.strip_prefix(BOOT_MARKER) {
             report.booted_release = rest.trim().strip_prefix("release=").map(str::to_owned);
             continue;
@@ -243,41 +81,10 @@ pub fn parse(console: &str) -> ConsoleReport {
             report.init_errors.push(line.to_owned());
             continue;
         }
-        if index < inside_until {
-            continue;
-        }
-        if let Some(class) = classify(line) {
-            let end = splat_end(&lines, index);
-            inside_until = end;
-            report.splats.push(Splat {
-                class,
-                phase,
-                title: line.to_owned(),
-                line: index + 1,
-                excerpt: lines[index..end.min(index + EXCERPT_LINES)]
-                    .iter()
-                    .map(|l| strip_timestamp(l).to_owned())
-                    .collect(),
-            });
-        }
+        splats.feed(index, split, phase);
     }
+    report.splats = splats.finish();
     report
-}
-
-/// The index one past the last line of the splat starting at `start`: the
-/// kernel's `---[ end ... ]---` / `====` terminators, else a bounded window.
-fn splat_end(lines: &[&str], start: usize) -> usize {
-    const MAX_SPLAT_LINES: usize = 200;
-    let limit = (start + MAX_SPLAT_LINES).min(lines.len());
-    for (offset, line) in lines[start + 1..limit].iter().enumerate() {
-        let line = strip_timestamp(line);
-        if line.starts_with("---[ end") || line.starts_with("==========") {
-            return start + 1 + offset + 1;
-        }
-    }
-    // Unterminated (lockdep, RCU stall, hung task): the block runs while the
-    // lines look like part of a report; take a generous fixed window.
-    (start + EXCERPT_LINES).min(lines.len())
 }
 
 #[cfg(test)]
@@ -342,7 +149,16 @@ FENCELAB_WORKLOAD_START workload=smoke
         assert_eq!(report.splats.len(), 1);
         assert_eq!(report.splats[0].class, "warning");
         assert_eq!(report.splats[0].phase, Phase::Boot);
-        assert_eq!(report.splats[0].line, 2);
+        // The cut-here line belongs to the splat: its excerpt starts there.
+        assert_eq!(report.splats[0].line, 1);
+        assert_eq!(
+            report.splats[0].excerpt[0],
+            "------------[ cut here ]------------"
+        );
+        assert_eq!(
+            report.splats[0].title,
+            "WARNING: CPU: 1 PID: 1 at drivers/dma-buf/dma-fence.c:1042 dma_fence_set_deadline+0x5a/0x80"
+        );
         assert!(report.splats[0].summary().contains("before workload"));
     }
 
@@ -413,8 +229,9 @@ FENCELAB_ERROR modprobe virtio_gpu failed
     }
 
     #[test]
-    fn strips_printk_timestamps_only() {
-        assert_eq!(strip_timestamp("[   12.345678] BUG: x"), "BUG: x");
-        assert_eq!(strip_timestamp("[drm] features"), "[drm] features");
+    fn strips_printk_prefixes_only() {
+        assert_eq!(printk_body("[   12.345678] BUG: x"), "BUG: x");
+        assert_eq!(printk_body("[   12.345678][  T123] BUG: x"), "BUG: x");
+        assert_eq!(printk_body("[drm] features"), "[drm] features");
     }
 }
