@@ -11,6 +11,7 @@ mod cpio;
 mod crosscheck;
 mod guest;
 mod image;
+mod junit;
 mod kernel;
 mod ktap;
 mod kunit;
