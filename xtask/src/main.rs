@@ -18,7 +18,9 @@ mod kunit;
 mod paths;
 mod qemu;
 mod report;
+mod scenario;
 mod setup;
+mod soak;
 mod supervise;
 mod test;
 
@@ -45,7 +47,11 @@ enum Command {
     Boot(boot::BootArgs),
     /// Boot the kernel with KUnit enabled and report the patch series' KUnit suites.
     Kunit(kunit::KunitArgs),
-    /// The test suite: workspace unit tests, then a boot smoke test.
+    /// Run scenarios of the catalogue (scenarios/*.toml) and judge them; inject driver bugs.
+    Scenario(scenario::ScenarioArgs),
+    /// Loop scenarios with plans derived from a seed, for a set time (sharded, resumable).
+    Soak(soak::SoakArgs),
+    /// The test suite: unit tests, boots (smoke, plans, every scenario, injected bugs, soak), KUnit.
     Test(test::TestArgs),
 }
 
@@ -76,6 +82,8 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Boot(args) => boot::run(&args),
         Command::Kunit(args) => kunit::run(&args),
+        Command::Scenario(args) => scenario::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Test(args) => test::run(&args),
     }
 }

@@ -1,9 +1,10 @@
 //! `cargo xtask test`: the README's test command and what CI runs. The
 //! workspace's unit tests first (fast, no QEMU), then a real boot smoke test
 //! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
-//! a boot with each example fault plan, boots with the fencelab_drm driver
-//! (smoke, unload-live, deadlines), the harness fault test, then the
-//! KUnit suites of the kernel patch series on the same kernel.
+//! a boot with each example fault plan, every scenario of the catalogue on
+//! both drivers, each injected driver bug (which must be caught), a short
+//! resumed soak, the harness fault test, then the KUnit suites of the kernel
+//! patch series on the same kernel.
 
 use crate::boot::{self, BootArgs};
 use crate::paths;
@@ -37,7 +38,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     println!("boot-smoke: 1 passed, 0 failed{}", stall_note(&summary));
     plan_boots()?;
-    fencelab_drm_boots()?;
+    scenario_runs()?;
+    injected_bugs_are_caught()?;
+    soak_resumes()?;
     backend_death_is_reported()?;
     eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
     crate::kunit::run(&crate::kunit::KunitArgs::default())
@@ -127,95 +130,107 @@ fn plan_boots() -> Result<()> {
     Ok(())
 }
 
-/// One boot of the `fencelab_drm` stage: what it runs, and what must hold
-/// beyond the boot's own verdict.
-struct DriverBoot {
-    name: &'static str,
-    args: BootArgs,
-    /// The device must have pulled fences in on the guest's deadlines.
-    expect_boosts: bool,
+/// Every scenario of the catalogue on every driver that supports it
+/// (`cargo xtask scenario --all`): harness failures and broken expectations
+/// fail the stage; upstream virtio_gpu's findings are reported, labelled.
+fn scenario_runs() -> Result<()> {
+    eprintln!("test: every scenario on every driver (cargo xtask scenario --all)");
+    let args = crate::scenario::ScenarioArgs {
+        all: true,
+        seed: Some(PLAN_SEED),
+        ..Default::default()
+    };
+    let result = crate::scenario::run(&args);
+    println!(
+        "scenarios: {}",
+        if result.is_ok() {
+            "all passed"
+        } else {
+            "FAILED"
+        }
+    );
+    result
 }
 
-/// Boots the guest with fencelab_drm instead of virtio_gpu: smoke, a short
-/// unload-live (rmmod with fences pending and their sync_files open, then
-/// FILE_INFO/poll on each), and unload-live against the deadline-boost plan,
-/// which must show the guest's `SYNC_IOC_SET_DEADLINE` reaching the device
-/// as boosts.
-fn fencelab_drm_boots() -> Result<()> {
-    use crate::boot::Driver;
-    let root = paths::workspace_root();
-    let unload = |fences: u32, rounds: u32| BootArgs {
-        driver: Driver::Fencelab,
-        workload: "unload-live".into(),
-        fences: Some(fences),
-        hammer_args: vec![format!("--rounds={rounds}")],
-        ..BootArgs::default()
-    };
-    let boots = [
-        DriverBoot {
-            name: "smoke",
-            args: BootArgs {
-                driver: Driver::Fencelab,
-                fences: Some(PLAN_FENCES),
-                ..BootArgs::default()
-            },
-            expect_boosts: false,
-        },
-        DriverBoot {
-            name: "unload-live",
-            args: unload(1000, 5),
-            expect_boosts: false,
-        },
-        DriverBoot {
-            name: "unload-live + deadline-boost.toml",
-            args: BootArgs {
-                plan: Some(root.join("device/plans/deadline-boost.toml")),
-                seed: Some(PLAN_SEED),
-                ..unload(400, 2)
-            },
-            expect_boosts: true,
-        },
-    ];
-    let (mut passed, mut failed) = (0, 0);
-    for boot in boots {
-        eprintln!("test: fencelab_drm {}", boot.name);
-        let summary = boot::execute(&boot.args)?;
-        if crate::supervise::was_interrupted() {
-            crate::report::print(&summary, false);
-            bail!("interrupted during fencelab_drm {}", boot.name);
-        }
-        let boosts = summary
-            .device
-            .as_ref()
-            .and_then(|d| d.accounting.as_ref())
-            .map_or(0, |a| a.deadline_boosts);
-        let mut problems = Vec::new();
-        if !summary.ok {
-            problems.push("the boot failed (FAILURE lines above)".to_string());
-        }
-        if boot.expect_boosts && boosts == 0 {
-            problems.push(
-                "the device boosted no fence: deadlines set in the guest did not reach it".into(),
-            );
-        }
-        if problems.is_empty() {
-            passed += 1;
-            println!(
-                "fencelab_drm {}: PASS ({} fences, {boosts} deadline boosts){}",
-                boot.name,
-                summary.fences_signaled,
-                stall_note(&summary)
-            );
+/// Each deliberate fencelab_drm bug must make the scenario that targets it
+/// fail with a splat of the bug's class (the clean build passed the same
+/// scenario in [`scenario_runs`]).
+fn injected_bugs_are_caught() -> Result<()> {
+    use crate::scenario::{run, spec};
+    let (mut caught, mut missed) = (0, Vec::new());
+    for bug in crate::bugs::BUGS {
+        eprintln!(
+            "test: bug {} must be caught by scenario {}",
+            bug.name, bug.scenario
+        );
+        let scenario = spec::find(bug.scenario)?;
+        let outcome = run::run(&run::Request {
+            scenario: &scenario,
+            driver: crate::boot::Driver::Fencelab,
+            seed: Some(PLAN_SEED),
+            plan: None,
+            fences: None,
+            inject_bug: Some(bug),
+            console: false,
+        })?;
+        println!("{}", crate::scenario::output::one_line(&outcome));
+        if outcome.caught_bug() {
+            caught += 1;
         } else {
-            failed += 1;
-            crate::report::print(&summary, false);
-            println!("fencelab_drm {}: FAIL: {}", boot.name, problems.join("; "));
+            print!("{}", crate::scenario::output::details(&outcome));
+            missed.push(bug.name);
+        }
+        if crate::supervise::was_interrupted() {
+            bail!("interrupted during bug {}", bug.name);
         }
     }
-    println!("fencelab_drm: {passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} fencelab_drm boot(s) failed");
+    println!("injected bugs: {caught} caught, {} missed", missed.len());
+    if !missed.is_empty() {
+        bail!("the harness missed injected bug(s): {}", missed.join(", "));
     }
+    Ok(())
+}
+
+/// A two-run soak, stopped after one run and resumed: the derived plans
+/// boot, the state is saved and picked up again.
+fn soak_resumes() -> Result<()> {
+    use crate::soak::{self, SoakArgs, state::Shard};
+    eprintln!("test: soak, one run, then resumed for one more");
+    let seed = PLAN_SEED;
+    let dir = paths::runs_dir().join(format!("soak-{seed}-shard-0-of-1"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = SoakArgs {
+        duration: Some(std::time::Duration::from_secs(3600)),
+        seed: Some(seed),
+        shard: Shard { index: 0, count: 1 },
+        driver: None,
+        max_runs: Some(1),
+        resume: None,
+        keep_passing_runs: false,
+    };
+    soak::run(&first)?;
+    soak::run(&SoakArgs {
+        duration: None,
+        seed: None,
+        resume: Some(dir.clone()),
+        ..first
+    })?;
+    let state = soak::state::State::load(&dir.join("state.json"))?;
+    if state.runs != 2 || state.next != 2 {
+        bail!(
+            "the resumed soak counted {} runs (next {}), expected 2",
+            state.runs,
+            state.next
+        );
+    }
+    if state.failed > 0 {
+        bail!(
+            "{} soak run(s) failed; see {}",
+            state.failed,
+            dir.join("report.json").display()
+        );
+    }
+    println!("soak: 2 runs over a resume, {} fences", state.fences);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::spec::Expect;
 use crate::boot::Driver;
-use crate::report::{Finding, Summary};
+use crate::report::{Accounting, Finding, Summary};
 
 /// How a run of a scenario on one driver came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,12 +33,32 @@ pub struct Judgement {
     pub driver_findings: Vec<Finding>,
 }
 
-/// Judges `summary` (a finished boot) against `expect`. `guest` is the
-/// guest's result line as JSON (`None` when it printed none).
-pub fn judge(expect: &Expect, driver: Driver, summary: &Summary, guest: Option<&Value>) -> Judgement {
-    let mut reasons = summary.failures.clone();
+/// What a finished boot said, as the judge reads it.
+pub struct Evidence<'a> {
+    /// The boot's own failures (splats, harness, cross-check).
+    pub failures: &'a [String],
+    pub findings: &'a [Finding],
+    pub accounting: Option<&'a Accounting>,
+    /// The guest's result line as JSON (`None` when it printed none).
+    pub guest: Option<&'a Value>,
+}
+
+impl<'a> Evidence<'a> {
+    pub fn of(summary: &'a Summary, guest: Option<&'a Value>) -> Self {
+        Evidence {
+            failures: &summary.failures,
+            findings: &summary.findings,
+            accounting: summary.device.as_ref().and_then(|d| d.accounting.as_ref()),
+            guest,
+        }
+    }
+}
+
+/// Judges a finished boot against `expect`.
+pub fn judge(expect: &Expect, driver: Driver, evidence: &Evidence) -> Judgement {
+    let mut reasons = evidence.failures.to_vec();
     let mut driver_findings = Vec::new();
-    for finding in &summary.findings {
+    for finding in evidence.findings {
         let expected = expect.findings.contains(&finding.kind);
         // fencelab_drm is ours: a finding it was not expected to show is a bug.
         if driver == Driver::Fencelab && !expected {
@@ -50,21 +70,23 @@ pub fn judge(expect: &Expect, driver: Driver, summary: &Summary, guest: Option<&
             driver_findings.push(finding.clone());
         }
     }
-    if let Some(guest) = guest {
+    if let Some(guest) = evidence.guest {
         check_bounds(&expect.guest_min, guest, "guest", Bound::Min, &mut reasons);
         check_bounds(&expect.guest_max, guest, "guest", Bound::Max, &mut reasons);
     } else if !(expect.guest_min.is_empty() && expect.guest_max.is_empty()) {
         reasons.push("no guest result line to check the expectations against".into());
     }
-    let accounting = summary
-        .device
-        .as_ref()
-        .and_then(|d| d.accounting.as_ref())
+    let accounting = evidence
+        .accounting
         .and_then(|a| serde_json::to_value(a).ok());
     match accounting {
-        Some(accounting) => {
-            check_bounds(&expect.device_min, &accounting, "device", Bound::Min, &mut reasons)
-        }
+        Some(accounting) => check_bounds(
+            &expect.device_min,
+            &accounting,
+            "device",
+            Bound::Min,
+            &mut reasons,
+        ),
         None if !expect.device_min.is_empty() => {
             reasons.push("no device accounting to check the expectations against".into())
         }
@@ -101,12 +123,12 @@ fn check_bounds(
         match lookup(value, path) {
             None => reasons.push(format!("{whose} {path}: not reported")),
             Some(actual) => match bound {
-                Bound::Min if actual < limit => {
-                    reasons.push(format!("{whose} {path} = {actual}, expected at least {limit}"))
-                }
-                Bound::Max if actual > limit => {
-                    reasons.push(format!("{whose} {path} = {actual}, expected at most {limit}"))
-                }
+                Bound::Min if actual < limit => reasons.push(format!(
+                    "{whose} {path} = {actual}, expected at least {limit}"
+                )),
+                Bound::Max if actual > limit => reasons.push(format!(
+                    "{whose} {path} = {actual}, expected at most {limit}"
+                )),
                 _ => {}
             },
         }
@@ -120,7 +142,8 @@ pub fn lookup(value: &Value, path: &str) -> Option<u64> {
     for key in path.split('.') {
         at = at.get(key)?;
     }
-    at.as_u64().or_else(|| at.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+    at.as_u64()
+        .or_else(|| at.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
 #[cfg(test)]
@@ -138,6 +161,95 @@ mod tests {
         assert_eq!(lookup(&v, "neg"), None);
     }
 
+    fn finding(kind: &str) -> Finding {
+        Finding {
+            kind: kind.into(),
+            count: 2,
+            fences: vec![5, 9],
+            detail: "seen".into(),
+        }
+    }
+
+    #[test]
+    fn findings_label_virtio_gpu_and_fail_fencelab_unless_expected() {
+        let findings = [finding("premature_signal")];
+        let evidence = Evidence {
+            failures: &[],
+            findings: &findings,
+            accounting: None,
+            guest: None,
+        };
+        let none = Expect::default();
+        let upstream = judge(&none, Driver::VirtioGpu, &evidence);
+        assert_eq!(upstream.verdict, Verdict::DriverFindings);
+        assert_eq!(upstream.driver_findings[0].fences, [5, 9]);
+        let ours = judge(&none, Driver::Fencelab, &evidence);
+        assert_eq!(ours.verdict, Verdict::Fail);
+        assert!(
+            ours.reasons[0].contains("unexpected finding about fencelab_drm: premature_signal ×2")
+        );
+        let expected = Expect {
+            findings: vec!["premature_signal".into()],
+            ..Expect::default()
+        };
+        assert_eq!(
+            judge(&expected, Driver::Fencelab, &evidence).verdict,
+            Verdict::DriverFindings
+        );
+    }
+
+    #[test]
+    fn boot_failures_and_device_bounds_fail_and_a_clean_run_passes() {
+        let accounting = Accounting {
+            deadline_hints: 3,
+            ..Accounting::default()
+        };
+        let expect = Expect {
+            device_min: [
+                ("deadline_hints".to_string(), 1),
+                ("deadline_boosts".to_string(), 1),
+            ]
+            .into(),
+            ..Expect::default()
+        };
+        let clean = Evidence {
+            failures: &[],
+            findings: &[],
+            accounting: Some(&accounting),
+            guest: None,
+        };
+        let j = judge(&expect, Driver::Fencelab, &clean);
+        assert_eq!(
+            j.reasons,
+            ["device deadline_boosts = 0, expected at least 1"]
+        );
+        let fine = Expect {
+            device_min: [("deadline_hints".to_string(), 3)].into(),
+            ..Expect::default()
+        };
+        assert_eq!(
+            judge(&fine, Driver::Fencelab, &clean).verdict,
+            Verdict::Pass
+        );
+        let failures = ["kernel splat: [kasan] BUG: KASAN".to_string()];
+        let splatted = Evidence {
+            failures: &failures,
+            ..clean
+        };
+        assert_eq!(
+            judge(&fine, Driver::Fencelab, &splatted).verdict,
+            Verdict::Fail
+        );
+        let no_device = Evidence {
+            accounting: None,
+            ..clean
+        };
+        assert_eq!(
+            judge(&fine, Driver::Fencelab, &no_device).reasons,
+            ["no device accounting to check the expectations against"]
+        );
+    }
+
     #[test]
     fn bounds_report_what_was_seen_and_what_was_expected() {
         let v = json!({"array_order": {"arrays": 0, "violations": 2}});
@@ -146,7 +258,13 @@ mod tests {
         let max = [("array_order.violations".to_string(), 0)].into();
         check_bounds(&min, &v, "guest", Bound::Min, &mut reasons);
         check_bounds(&max, &v, "guest", Bound::Max, &mut reasons);
-        check_bounds(&[("nope".to_string(), 0)].into(), &v, "guest", Bound::Max, &mut reasons);
+        check_bounds(
+            &[("nope".to_string(), 0)].into(),
+            &v,
+            "guest",
+            Bound::Max,
+            &mut reasons,
+        );
         assert_eq!(
             reasons,
             [

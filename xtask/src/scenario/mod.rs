@@ -76,9 +76,9 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         (Some(name), _, _) => vec![spec::find(name)?],
         (None, true, _) => spec::load_all()?,
         (None, false, Some(bug)) => vec![spec::find(bug.scenario)?],
-        (None, false, None) => bail!(
-            "name a scenario, or --all (--list shows them, --list-bugs the injectable bugs)"
-        ),
+        (None, false, None) => {
+            bail!("name a scenario, or --all (--list shows them, --list-bugs the injectable bugs)")
+        }
     };
     if let Some(plan) = &args.plan {
         if !plan.is_file() {
@@ -112,7 +112,10 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
             outcomes.push(outcome);
             if crate::supervise::was_interrupted() {
                 output::write_reports(&report_dir, &outcomes)?;
-                bail!("interrupted; the results so far are in {}", report_dir.display());
+                bail!(
+                    "interrupted; the results so far are in {}",
+                    report_dir.display()
+                );
             }
         }
     }
@@ -127,9 +130,16 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
 fn exit_verdict(outcomes: &[Outcome], bug: Option<&bugs::Bug>) -> Result<()> {
     if let Some(bug) = bug {
         let caught = outcomes.iter().filter(|o| o.caught_bug()).count();
-        let failed = outcomes.iter().filter(|o| o.verdict == Verdict::Fail).count();
+        let failed = outcomes
+            .iter()
+            .filter(|o| o.verdict == Verdict::Fail)
+            .count();
         if caught > 0 {
-            bail!("bug {} caught: the scenario failed with a splat of class {}", bug.name, bug.expect_splats.join(" / "));
+            bail!(
+                "bug {} caught: the scenario failed with a splat of class {}",
+                bug.name,
+                bug.expect_splats.join(" / ")
+            );
         }
         if failed > 0 {
             bail!(
@@ -138,7 +148,10 @@ fn exit_verdict(outcomes: &[Outcome], bug: Option<&bugs::Bug>) -> Result<()> {
                 bug.expect_splats.join(" / ")
             );
         }
-        eprintln!("scenario: bug {} was NOT caught: every run passed", bug.name);
+        eprintln!(
+            "scenario: bug {} was NOT caught: every run passed",
+            bug.name
+        );
         return Ok(());
     }
     let failed: Vec<String> = outcomes
@@ -147,7 +160,11 @@ fn exit_verdict(outcomes: &[Outcome], bug: Option<&bugs::Bug>) -> Result<()> {
         .map(|o| format!("{} on {}", o.scenario, o.driver))
         .collect();
     if !failed.is_empty() {
-        bail!("{} scenario run(s) failed: {}", failed.len(), failed.join(", "));
+        bail!(
+            "{} scenario run(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }

@@ -113,7 +113,7 @@ fn junit_case(outcome: &Outcome) -> junit::Case {
 /// Everything a reader of a failure needs: the reasons, each splat with its
 /// excerpt, each driver finding with its evidence, the reproduce line.
 pub fn details(outcome: &Outcome) -> String {
-    let mut out = String::new();
+    let mut out = format!("must hold: {}\n", outcome.must_hold);
     for reason in &outcome.reasons {
         out.push_str(&format!("reason: {reason}\n"));
     }
@@ -172,7 +172,9 @@ pub fn print(outcomes: &[Outcome], files: &ReportFiles, json: bool) {
         println!("{}", one_line(outcome));
     }
     for outcome in outcomes {
-        if matches!(outcome.verdict, Verdict::Fail | Verdict::DriverFindings) || outcome.bug.is_some() {
+        if matches!(outcome.verdict, Verdict::Fail | Verdict::DriverFindings)
+            || outcome.bug.is_some()
+        {
             println!("\n--- {} on {}", outcome.scenario, outcome.driver);
             print!("{}", details(outcome));
         }
@@ -185,7 +187,11 @@ pub fn print(outcomes: &[Outcome], files: &ReportFiles, json: bool) {
         count(Verdict::Fail),
         count(Verdict::Unsupported)
     );
-    println!("reports: {} {}", files.json.display(), files.junit.display());
+    println!(
+        "reports: {} {}",
+        files.json.display(),
+        files.junit.display()
+    );
     if json {
         println!(
             "{}",

@@ -31,6 +31,8 @@ pub struct Request<'a> {
 pub struct Outcome {
     pub scenario: String,
     pub driver: &'static str,
+    /// What the scenario requires (from its file).
+    pub must_hold: String,
     pub verdict: Verdict,
     /// With `--inject-bug`: whether a splat of the bug's class was seen.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +67,7 @@ impl Outcome {
         Outcome {
             scenario: scenario.name.clone(),
             driver: spec::driver_key(driver),
+            must_hold: scenario.must_hold.clone(),
             verdict: Verdict::Unsupported,
             bug: None,
             reasons: vec![reason],
@@ -118,7 +121,11 @@ pub fn run(req: &Request) -> Result<Outcome> {
         verdict,
         reasons,
         driver_findings,
-    } = judge::judge(&driver_spec.expect, req.driver, &summary, guest.as_ref());
+    } = judge::judge(
+        &driver_spec.expect,
+        req.driver,
+        &judge::Evidence::of(&summary, guest.as_ref()),
+    );
     let bug = req.inject_bug.map(|bug| BugOutcome {
         name: bug.name,
         expected_splats: bug.expect_splats,
@@ -131,6 +138,7 @@ pub fn run(req: &Request) -> Result<Outcome> {
     Ok(Outcome {
         scenario: scenario.name.clone(),
         driver: spec::driver_key(req.driver),
+        must_hold: scenario.must_hold.clone(),
         verdict,
         bug,
         reasons,

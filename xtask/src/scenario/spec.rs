@@ -143,7 +143,10 @@ pub fn parse(name: &str, text: &str) -> Result<Scenario> {
 
 fn validate(s: &Scenario) -> Result<()> {
     if s.drivers.is_empty() {
-        bail!("[drivers] lists no driver (known: {})", DRIVER_KEYS.join(", "));
+        bail!(
+            "[drivers] lists no driver (known: {})",
+            DRIVER_KEYS.join(", ")
+        );
     }
     for (key, spec) in &s.drivers {
         if !DRIVER_KEYS.contains(&key.as_str()) {
@@ -160,8 +163,15 @@ fn validate(s: &Scenario) -> Result<()> {
             bail!("[drivers.{key}]: an unsupported driver has no args or expectations");
         }
         for errno in &spec.expect.errors_allowed {
-            if !(errno.len() > 1 && errno.starts_with('E') && errno.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())) {
-                bail!("[drivers.{key}.expect] errors_allowed: {errno:?} is not an errno name like \"ETIMEDOUT\"");
+            if !(errno.len() > 1
+                && errno.starts_with('E')
+                && errno
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()))
+            {
+                bail!(
+                    "[drivers.{key}.expect] errors_allowed: {errno:?} is not an errno name like \"ETIMEDOUT\""
+                );
             }
         }
     }
@@ -172,6 +182,9 @@ fn validate(s: &Scenario) -> Result<()> {
         if !plan.is_file() {
             bail!("plan {}: no such file", plan.display());
         }
+        // The device's own parser: a broken plan is refused here, before
+        // anything is built or booted.
+        fencelab_device::plan::Plan::load(&plan).map_err(|e| anyhow::anyhow!("plan: {e}"))?;
     }
     Ok(())
 }
@@ -225,17 +238,42 @@ unsupported = "because"
     #[test]
     fn mistakes_are_refused_with_what_is_wrong() {
         let cases = [
-            (MINIMAL.replace("fences = 10", "fences = 10\nfencse = 3"), "unknown field `fencse`"),
-            (MINIMAL.replace("[drivers.virtio_gpu]", "[drivers.nouveau]"), "[drivers.nouveau]: unknown driver"),
-            (MINIMAL.replace("fences = 10", "fences = 0"), "workload.fences must be at least 1"),
-            (MINIMAL.replace("unsupported = \"because\"", "unsupported = \"\""), "unsupported needs a reason"),
             (
-                MINIMAL.replace("[drivers.fencelab]", "[drivers.fencelab]\nexpect = { errors_allowed = [\"timeout\"] }"),
+                MINIMAL.replace("fences = 10", "fences = 10\nfencse = 3"),
+                "unknown field `fencse`",
+            ),
+            (
+                MINIMAL.replace("[drivers.virtio_gpu]", "[drivers.nouveau]"),
+                "[drivers.nouveau]: unknown driver",
+            ),
+            (
+                MINIMAL.replace("fences = 10", "fences = 0"),
+                "workload.fences must be at least 1",
+            ),
+            (
+                MINIMAL.replace("unsupported = \"because\"", "unsupported = \"\""),
+                "unsupported needs a reason",
+            ),
+            (
+                MINIMAL.replace(
+                    "[drivers.fencelab]",
+                    "[drivers.fencelab]\nexpect = { errors_allowed = [\"timeout\"] }",
+                ),
                 "is not an errno name",
             ),
-            (format!("plan = \"no/such/plan.toml\"\n{MINIMAL}"), "no such file"),
             (
-                MINIMAL.replace("unsupported = \"because\"", "unsupported = \"x\"\nargs = [\"--a\"]"),
+                format!("plan = \"no/such/plan.toml\"\n{MINIMAL}"),
+                "no such file",
+            ),
+            (
+                format!("plan = \"device/plans/broken/unknown-key.toml\"\n{MINIMAL}"),
+                "default.lateny: unknown field",
+            ),
+            (
+                MINIMAL.replace(
+                    "unsupported = \"because\"",
+                    "unsupported = \"x\"\nargs = [\"--a\"]",
+                ),
                 "an unsupported driver has no args",
             ),
         ];
@@ -261,7 +299,10 @@ unsupported = "because"
             "reset",
             "backend-crash",
         ] {
-            assert!(names.contains(&wanted), "scenario {wanted} missing: {names:?}");
+            assert!(
+                names.contains(&wanted),
+                "scenario {wanted} missing: {names:?}"
+            );
         }
         assert!(find("no-such").unwrap_err().to_string().contains("known: "));
     }

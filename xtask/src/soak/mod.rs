@@ -139,7 +139,10 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         state.save(&dir.join("state.json"))?;
         bar.set_position(state.elapsed_secs.min(state.duration_secs as f64) as u64);
         bar.set_message(counts_line(&state));
-        bar.println(format!("soak: #{i} {}", crate::scenario::output::one_line(&outcome)));
+        bar.println(format!(
+            "soak: #{i} {}",
+            crate::scenario::output::one_line(&outcome)
+        ));
         if crate::supervise::was_interrupted() {
             bar.abandon();
             bail!(
@@ -181,7 +184,13 @@ fn counts_line(s: &State) -> String {
 }
 
 /// Derives iteration `i`'s plan and seed, writes the plan, runs the scenario.
-fn one_run(dir: &Path, state: &State, i: u64, scenario: &Scenario, driver: Driver) -> Result<Outcome> {
+fn one_run(
+    dir: &Path,
+    state: &State,
+    i: u64,
+    scenario: &Scenario,
+    driver: Driver,
+) -> Result<Outcome> {
     let seed = iteration_seed(state.seed, i);
     let base = match scenario.plan_path() {
         Some(path) => Some(
@@ -192,7 +201,9 @@ fn one_run(dir: &Path, state: &State, i: u64, scenario: &Scenario, driver: Drive
     };
     let derived = plan_gen::derive(base.as_deref(), seed)
         .with_context(|| format!("deriving iteration {i}'s plan from {}", scenario.name))?;
-    let plan = dir.join("plans").join(format!("{i:06}-{}.toml", scenario.name));
+    let plan = dir
+        .join("plans")
+        .join(format!("{i:06}-{}.toml", scenario.name));
     std::fs::write(
         &plan,
         format!(
@@ -222,10 +233,15 @@ pub fn normalise(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_number = false;
     for word in text.split_inclusive(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
-        let (core, sep) = word.split_at(word.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_').len());
+        let (core, sep) = word.split_at(
+            word.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .len(),
+        );
         let numeric = !core.is_empty()
             && (core.bytes().all(|b| b.is_ascii_digit())
-                || (core.starts_with("0x") && core.len() > 2 && core[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+                || (core.starts_with("0x")
+                    && core.len() > 2
+                    && core[2..].bytes().all(|b| b.is_ascii_hexdigit()))
                 || (core.len() >= 8 && core.bytes().all(|b| b.is_ascii_hexdigit())));
         if numeric {
             if !in_number {
@@ -273,14 +289,34 @@ fn record(state: &mut State, i: u64, outcome: &Outcome) {
     }
     for finding in &outcome.driver_findings {
         state.note(
-            format!("driver-finding {} {} {}", outcome.driver, outcome.scenario, finding.kind),
-            || seen("driver-finding", vec![format!("{} ×{}: {}", finding.kind, finding.count, finding.detail)]),
+            format!(
+                "driver-finding {} {} {}",
+                outcome.driver, outcome.scenario, finding.kind
+            ),
+            || {
+                seen(
+                    "driver-finding",
+                    vec![format!(
+                        "{} ×{}: {}",
+                        finding.kind, finding.count, finding.detail
+                    )],
+                )
+            },
         );
     }
     if outcome.verdict == Verdict::Fail {
-        for reason in outcome.reasons.iter().filter(|r| !r.starts_with("kernel splat:")) {
+        for reason in outcome
+            .reasons
+            .iter()
+            .filter(|r| !r.starts_with("kernel splat:"))
+        {
             state.note(
-                format!("failure {} {} {}", outcome.driver, outcome.scenario, normalise(reason)),
+                format!(
+                    "failure {} {} {}",
+                    outcome.driver,
+                    outcome.scenario,
+                    normalise(reason)
+                ),
                 || seen("failure", vec![reason.clone()]),
             );
         }
@@ -296,8 +332,17 @@ fn write_final_reports(dir: &Path, state: &State) -> Result<()> {
         let problems: Vec<String> = state
             .findings
             .iter()
-            .filter(|(_, s)| format!("{} on {}", s.scenario, s.driver) == *pair && s.kind != "driver-finding")
-            .map(|(sig, s)| format!("{sig} ×{}\n  reproduce: {}\n  {}", s.count, s.reproduce, s.evidence.join("\n  ")))
+            .filter(|(_, s)| {
+                format!("{} on {}", s.scenario, s.driver) == *pair && s.kind != "driver-finding"
+            })
+            .map(|(sig, s)| {
+                format!(
+                    "{sig} ×{}\n  reproduce: {}\n  {}",
+                    s.count,
+                    s.reproduce,
+                    s.evidence.join("\n  ")
+                )
+            })
             .collect();
         cases.push(crate::junit::Case {
             name: pair.clone(),
@@ -320,7 +365,14 @@ fn write_final_reports(dir: &Path, state: &State) -> Result<()> {
 fn print_summary(dir: &Path, s: &State) {
     println!(
         "soak: seed {} shard {}: {} runs in {:.0} s ({} passed, {} with driver findings, {} failed), {} fences",
-        s.seed, s.shard, s.runs, s.elapsed_secs, s.passed, s.with_driver_findings, s.failed, s.fences
+        s.seed,
+        s.shard,
+        s.runs,
+        s.elapsed_secs,
+        s.passed,
+        s.with_driver_findings,
+        s.failed,
+        s.fences
     );
     println!(
         "soak: harness memory: {} KiB at start, {} KiB at the end",
@@ -333,9 +385,16 @@ fn print_summary(dir: &Path, s: &State) {
         );
     }
     if s.signatures_not_kept > 0 {
-        println!("soak: {} more signatures were counted but not kept", s.signatures_not_kept);
+        println!(
+            "soak: {} more signatures were counted but not kept",
+            s.signatures_not_kept
+        );
     }
-    println!("soak: reports {} {}", dir.join("report.json").display(), dir.join("junit.xml").display());
+    println!(
+        "soak: reports {} {}",
+        dir.join("report.json").display(),
+        dir.join("junit.xml").display()
+    );
 }
 
 #[cfg(test)]
@@ -344,7 +403,8 @@ mod tests {
 
     #[test]
     fn iteration_seeds_are_distinct_stable_and_below_2_63() {
-        let seeds: std::collections::BTreeSet<u64> = (0..1000).map(|i| iteration_seed(42, i)).collect();
+        let seeds: std::collections::BTreeSet<u64> =
+            (0..1000).map(|i| iteration_seed(42, i)).collect();
         assert_eq!(seeds.len(), 1000);
         assert!(seeds.iter().all(|s| *s < 1 << 63));
         assert_eq!(iteration_seed(42, 7), iteration_seed(42, 7));

@@ -29,10 +29,7 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
         plan.get("rule")
             .and_then(Value::as_array)
             .is_some_and(|rules| rules.iter().any(|r| r.get(action).is_some()))
-            || plan
-                .get("default")
-                .and_then(|d| d.get(action))
-                .is_some()
+            || plan.get("default").and_then(|d| d.get(action)).is_some()
     };
     let mut added = Vec::new();
     let mut rules: Vec<Value> = Vec::new();
@@ -57,14 +54,24 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
         dist.insert("dist".into(), "exponential".into());
         dist.insert("mean".into(), us(mean));
         dist.insert("max".into(), us(mean * 10));
-        rules.push(rule("soak: job times", gpu(Table::new()), "latency", Value::Table(dist)));
+        rules.push(rule(
+            "soak: job times",
+            gpu(Table::new()),
+            "latency",
+            Value::Table(dist),
+        ));
         added.push(format!("exponential job times, mean {mean} µs"));
     }
     if !decided("cross_reorder", &plan) && rng.random_bool(0.4) {
         let jitter = rng.random_range(100..=2000u64);
         let mut t = Table::new();
         t.insert("jitter".into(), us(jitter));
-        rules.push(rule("soak: timelines jitter", gpu(Table::new()), "cross_reorder", Value::Table(t)));
+        rules.push(rule(
+            "soak: timelines jitter",
+            gpu(Table::new()),
+            "cross_reorder",
+            Value::Table(t),
+        ));
         added.push(format!("cross-timeline jitter {jitter} µs"));
     }
     if !decided("reorder", &plan) && rng.random_bool(0.3) {
@@ -72,7 +79,12 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
         let mut t = Table::new();
         t.insert("window".into(), Value::Integer(window));
         t.insert("hold".into(), "2ms".into());
-        rules.push(rule("soak: reorder", gpu(Table::new()), "reorder", Value::Table(t)));
+        rules.push(rule(
+            "soak: reorder",
+            gpu(Table::new()),
+            "reorder",
+            Value::Table(t),
+        ));
         added.push(format!("in-ring reorder window {window}"));
     }
     if !decided("irq", &plan) && rng.random_bool(0.6) {
@@ -96,7 +108,10 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
             }
         };
         rules.push(rule("soak: interrupts", gpu(matching), "irq", irq));
-        added.push(format!("irq {what} on {:.0}% of fences", probability * 100.0));
+        added.push(format!(
+            "irq {what} on {:.0}% of fences",
+            probability * 100.0
+        ));
     }
     if !rules.is_empty() {
         let all = plan
@@ -133,9 +148,14 @@ hang = "forever"
     fn the_same_seed_gives_the_same_plan_and_seeds_differ() {
         let a = derive(Some(HANG), 7).unwrap();
         assert_eq!(a.toml, derive(Some(HANG), 7).unwrap().toml);
-        let distinct: std::collections::BTreeSet<String> =
-            (0..20).map(|s| derive(Some(HANG), s).unwrap().toml).collect();
-        assert!(distinct.len() > 10, "{} distinct plans of 20", distinct.len());
+        let distinct: std::collections::BTreeSet<String> = (0..20)
+            .map(|s| derive(Some(HANG), s).unwrap().toml)
+            .collect();
+        assert!(
+            distinct.len() > 10,
+            "{} distinct plans of 20",
+            distinct.len()
+        );
     }
 
     #[test]
@@ -147,7 +167,11 @@ hang = "forever"
             assert_eq!(rules[0]["name"].as_str(), Some("hang one"));
             assert_eq!(rules[0]["hang"].as_str(), Some("forever"));
             // The default decides latency, so no job-time rule is added.
-            assert!(rules.iter().all(|r| r.get("latency").is_none()), "{}", derived.toml);
+            assert!(
+                rules.iter().all(|r| r.get("latency").is_none()),
+                "{}",
+                derived.toml
+            );
         }
     }
 

@@ -48,8 +48,12 @@ impl std::str::FromStr for Shard {
         let (i, n) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?}: a shard is INDEX/COUNT, e.g. 0/4"))?;
-        let index: u64 = i.parse().map_err(|_| format!("{s:?}: {i:?} is not a number"))?;
-        let count: u64 = n.parse().map_err(|_| format!("{s:?}: {n:?} is not a number"))?;
+        let index: u64 = i
+            .parse()
+            .map_err(|_| format!("{s:?}: {i:?} is not a number"))?;
+        let count: u64 = n
+            .parse()
+            .map_err(|_| format!("{s:?}: {n:?} is not a number"))?;
         if count == 0 || index >= count {
             return Err(format!("{s:?}: INDEX must be below COUNT (0/4 … 3/4)"));
         }
