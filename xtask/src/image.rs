@@ -34,6 +34,57 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Builds (or finds in the cache) the initramfs for `kernel`.
 pub fn build(kernel: &Kernel) -> Result<PathBuf> {
+    build_image(kernel, None)
+}
+
+/// Builds (or finds in the cache) the initramfs for `kernel` with `module`
+/// in place of the kernel's own module of the same file name (e.g. a
+/// `fencelab_drm.ko` built with a deliberate bug, see `bugs.rs`).
+pub fn build_replacing_module(kernel: &Kernel, module: &Path) -> Result<PathBuf> {
+    build_image(kernel, Some(module))
+}
+
+/// The cache key of an image whose `image_key` is `base`, with a module
+/// replaced by one of these bytes.
+fn replaced_module_key(base: &str, module: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!(
+        "image {base}
+replaced module {}
+",
+        sha256_hex(module)
+    ));
+    hex::encode(h.finalize())
+}
+
+/// Puts `module`'s bytes in place of the one file of `entries` with the same
+/// file name; fails unless exactly one has it.
+fn replace_module(entries: &mut BTreeMap<String, Entry>, module: &Path) -> Result<()> {
+    let file_name = module
+        .file_name()
+        .with_context(|| format!("{} has no file name", module.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let suffix = format!("/{file_name}");
+    let matches: Vec<String> = entries
+        .keys()
+        .filter(|name| name.ends_with(&suffix))
+        .cloned()
+        .collect();
+    let [name] = matches.as_slice() else {
+        bail!(
+            "the kernel's modules have {} files named {file_name}, so {} replaces none: {matches:?}",
+            matches.len(),
+            module.display()
+        );
+    };
+    let bytes = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    let perm = entries[name].mode & 0o777;
+    entries.insert(name.clone(), Entry::file(name, perm, bytes));
+    Ok(())
+}
+
+fn build_image(kernel: &Kernel, replacement: Option<&Path>) -> Result<PathBuf> {
     let started = Instant::now();
     let root = paths::workspace_root();
     let init_path = root.join("images/init");
@@ -48,7 +99,11 @@ pub fn build(kernel: &Kernel) -> Result<PathBuf> {
         format!("{BUSYBOX} must be the static busybox (package busybox-static)")
     })?;
 
-    let key = image_key(&kernel.key, &init, &hammer, &busybox);
+    let mut key = image_key(&kernel.key, &init, &hammer, &busybox);
+    if let Some(module) = replacement {
+        let bytes = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+        key = replaced_module_key(&key, &bytes);
+    }
     let out_dir = paths::cache_dir().join("images");
     let out = out_dir.join(format!("{}.cpio.gz", &key[..16]));
     if out.is_file() {
@@ -96,6 +151,9 @@ pub fn build(kernel: &Kernel) -> Result<PathBuf> {
     }
     if module_files == 0 {
         bail!("{} holds no modules", kernel.modules_dir.display());
+    }
+    if let Some(module) = replacement {
+        replace_module(&mut entries, module)?;
     }
 
     fs::create_dir_all(&out_dir)?;
@@ -259,6 +317,50 @@ mod tests {
         assert_ne!(k, image_key("k", b"init2", b"hammer", b"busybox"));
         assert_ne!(k, image_key("k", b"init", b"hammer2", b"busybox"));
         assert_ne!(k, image_key("k", b"init", b"hammer", b"busybox2"));
+    }
+
+    #[test]
+    fn a_replaced_module_changes_the_key_and_one_file() {
+        let base = image_key("k", b"init", b"hammer", b"busybox");
+        assert_ne!(replaced_module_key(&base, b"ko"), base);
+        assert_ne!(
+            replaced_module_key(&base, b"ko"),
+            replaced_module_key(&base, b"ko2")
+        );
+        assert_eq!(
+            replaced_module_key(&base, b"ko"),
+            replaced_module_key(&base, b"ko")
+        );
+
+        let dir = std::env::temp_dir().join(format!("fencelab-replace-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let module = dir.join("m.ko");
+        fs::write(&module, b"new").unwrap();
+        let mut entries = BTreeMap::new();
+        for (name, data) in [
+            ("lib/modules/7/kernel/a/m.ko", b"old".as_slice()),
+            ("lib/modules/7/kernel/a/xm.ko", b"other"),
+            ("lib/modules/7/modules.dep", b"dep"),
+        ] {
+            entries.insert(name.to_owned(), Entry::file(name, 0o600, data.to_vec()));
+        }
+        replace_module(&mut entries, &module).unwrap();
+        let replaced = &entries["lib/modules/7/kernel/a/m.ko"];
+        assert_eq!(
+            (replaced.data.as_slice(), replaced.mode & 0o777),
+            (b"new".as_slice(), 0o600)
+        );
+        assert_eq!(entries["lib/modules/7/kernel/a/xm.ko"].data, b"other");
+
+        // None or two of that name: refused.
+        let none = dir.join("absent.ko");
+        fs::write(&none, b"x").unwrap();
+        assert!(replace_module(&mut entries, &none).is_err());
+        let name = "lib/modules/7/extra/m.ko";
+        entries.insert(name.to_owned(), Entry::file(name, 0o644, b"dup".to_vec()));
+        let err = replace_module(&mut entries, &module).unwrap_err();
+        assert!(format!("{err:#}").contains("2 files named m.ko"), "{err:#}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -750,6 +750,102 @@ fn patched_files(patch: &str) -> Vec<String> {
     files
 }
 
+// ------------------------------------------------------- out-of-tree modules
+
+/// The source tree and build folder a cached kernel was built in, locked
+/// against kernel builds while this lives: what an out-of-tree module build
+/// (`make M=`) compiles against. See [`built_tree`].
+pub struct BuiltTree {
+    _lock: FileLock,
+    /// The patched source tree, `<cache>/kernel/src`.
+    pub src: PathBuf,
+    /// The build folder, `<cache>/kernel/build`.
+    pub build: PathBuf,
+}
+
+/// Locks the kernel build folder and checks that it still holds `kernel`:
+/// the source tree has the patches `kernel` was built from and the folder's
+/// bzImage is the cached one (a build of another series or config since
+/// would have replaced both).
+pub fn built_tree(kernel: &Kernel) -> Result<BuiltTree> {
+    let kcache = paths::cache_dir().join("kernel");
+    let lock = FileLock::acquire(&kcache.join("build.lock"), "kernel")?;
+    let (src, build) = (kcache.join("src"), kcache.join("build"));
+    let kernel_dir = kernel
+        .bzimage
+        .parent()
+        .context("the kernel's bzImage has no folder")?;
+    let json = kernel_dir.join("build.json");
+    let record: BuildJson = serde_json::from_str(
+        &fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json.display()))?;
+    let state_path = kcache.join("src.json");
+    let state: SourceState = serde_json::from_str(
+        &fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", state_path.display()))?;
+    let same_patches = same_patch_set(&record.inputs.patches, &state.applied);
+    let built_bzimage = fs::read(build.join("arch/x86/boot/bzImage")).ok();
+    let cached_bzimage = fs::read(&kernel.bzimage)
+        .with_context(|| format!("reading {}", kernel.bzimage.display()))?;
+    if !same_patches || built_bzimage.as_deref() != Some(cached_bzimage.as_slice()) {
+        bail!(
+            "the kernel build folder {} no longer holds kernel {} ({}); \
+             `cargo xtask kernel --force` builds it there again",
+            build.display(),
+            &kernel.key[..16],
+            if same_patches {
+                "its bzImage differs"
+            } else {
+                "its source tree has another patch series"
+            }
+        );
+    }
+    Ok(BuiltTree {
+        _lock: lock,
+        src,
+        build,
+    })
+}
+
+/// Whether the key entries of a kernel (the series file and every patch,
+/// see [`read_series`]) name the patches a source tree has applied.
+fn same_patch_set(key_entries: &[NamedHash], applied: &[NamedHash]) -> bool {
+    let mut wanted: Vec<&NamedHash> = key_entries
+        .iter()
+        .filter(|(name, _)| name != "series" && !name.ends_with("/series"))
+        .collect();
+    let mut have: Vec<&NamedHash> = applied.iter().collect();
+    wanted.sort();
+    have.sort();
+    wanted == have
+}
+
+/// `make M=<module_src> MO=<module_out> modules <vars…>` against `tree`:
+/// builds the out-of-tree module in `module_src` with the kernel's own
+/// toolchain, configuration and flags, so that it loads in that kernel.
+pub fn external_module_command(
+    toolchain: &Toolchain,
+    tree: &BuiltTree,
+    module_src: &Path,
+    module_out: &Path,
+    vars: &[String],
+) -> Command {
+    let make = Make {
+        toolchain,
+        src: &tree.src,
+        build: &tree.build,
+        log: Path::new("/dev/null"),
+    };
+    let mut c = make.command(&["modules"]);
+    c.arg(format!("M={}", module_src.display()))
+        .arg(format!("MO={}", module_out.display()))
+        .args(vars);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -861,6 +957,27 @@ mod tests {
         );
         assert_eq!(compiled_object("  LD      vmlinux.o"), None);
         assert_eq!(compiled_object("make[1]: Entering directory"), None);
+    }
+
+    #[test]
+    fn patch_sets_ignore_the_series_file_and_order() {
+        let entry = |n: &str, h: &str| (n.to_owned(), h.to_owned());
+        let key = [
+            entry("patches/0001-a.patch", "1"),
+            entry("patches/0002-b.patch", "2"),
+            entry("patches/series", "s"),
+        ];
+        let applied = [
+            entry("patches/0002-b.patch", "2"),
+            entry("patches/0001-a.patch", "1"),
+        ];
+        assert!(same_patch_set(&key, &applied));
+        assert!(!same_patch_set(&key, &applied[..1]));
+        let changed = [
+            entry("patches/0001-a.patch", "1"),
+            entry("patches/0002-b.patch", "2x"),
+        ];
+        assert!(!same_patch_set(&key, &changed));
     }
 
     #[test]
