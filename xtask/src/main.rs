@@ -15,6 +15,8 @@ mod junit;
 mod kernel;
 mod ktap;
 mod kunit;
+mod latency;
+mod latency_plot;
 mod paths;
 mod qemu;
 mod report;
