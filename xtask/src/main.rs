@@ -20,6 +20,7 @@ mod latency_plot;
 mod paths;
 mod qemu;
 mod report;
+mod run_report;
 mod scenario;
 mod setup;
 mod soak;

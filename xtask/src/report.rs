@@ -4,6 +4,7 @@
 use crate::boot::BootArgs;
 use crate::console::{ConsoleReport, Splat};
 use crate::kernel::Kernel;
+use crate::latency::TimelineLatency;
 use crate::qemu::Accel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -141,6 +142,11 @@ pub struct Summary {
     /// Earlier attempts whose kernel stalled before the init and were
     /// booted again; empty on a clean first boot.
     pub early_boot_stalls: Vec<EarlyBootStall>,
+    /// Per-timeline injected vs observed latency, from the trace
+    /// (`run_report::RunReports::attach` fills it in).
+    pub latency_by_timeline: Vec<TimelineLatency>,
+    /// The latency histograms, `latency.svg` in the run folder.
+    pub latency_svg: Option<PathBuf>,
 }
 
 /// How the run went, apart from what the guest and the console said.
@@ -210,12 +216,29 @@ impl Summary {
             findings: run.findings,
             failures: run.failures,
             early_boot_stalls: Vec::new(),
+            latency_by_timeline: Vec::new(),
+            latency_svg: None,
         }
     }
 }
 
 /// Prints the table (and the JSON line when asked) to stdout.
 pub fn print(summary: &Summary, json: bool) {
+    print!("{}", table(summary));
+    if json {
+        match serde_json::to_string(summary) {
+            Ok(line) => println!("{line}"),
+            Err(error) => {
+                println!("{{\"ok\":false,\"failures\":[\"summary not serialisable: {error}\"]}}")
+            }
+        }
+    }
+}
+
+/// The table, then the failures, the excerpts of the splats behind them
+/// and the reproduce line.
+pub fn table(summary: &Summary) -> String {
+    let mut out = String::new();
     let mut rows: Vec<(&str, String)> = vec![
         (
             "result",
@@ -283,9 +306,10 @@ pub fn print(summary: &Summary, json: bool) {
         (
             "kernel",
             format!(
-                "{} (config {})",
+                "{} (config {}, cache key {})",
                 summary.kernel.release,
-                short(&summary.kernel.config_sha256)
+                short(&summary.kernel.config_sha256),
+                summary.kernel.cache_key
             ),
         ),
         ("accel", format!("{:?}", summary.accel).to_lowercase()),
@@ -326,6 +350,21 @@ pub fn print(summary: &Summary, json: bool) {
             .collect();
         rows.push(("early-boot stalls", stalls.join("\n")));
     }
+    if !summary.latency_by_timeline.is_empty() {
+        let at = rows
+            .iter()
+            .position(|(k, _)| *k == "boot → result")
+            .unwrap_or(rows.len());
+        let mut lines: Vec<String> = summary
+            .latency_by_timeline
+            .iter()
+            .map(|t| format!("{}: {}", t.timeline, t.one_line()))
+            .collect();
+        if let Some(svg) = &summary.latency_svg {
+            lines.push(format!("histograms: {}", svg.display()));
+        }
+        rows.insert(at, ("latency by timeline", lines.join("\n")));
+    }
     if let Some(unload) = &summary.unload {
         let at = rows
             .iter()
@@ -340,22 +379,54 @@ pub fn print(summary: &Summary, json: bool) {
         .unwrap_or(0);
     for (key, value) in rows {
         let mut lines = value.lines();
-        println!("{key:>width$}  {}", lines.next().unwrap_or(""));
+        out.push_str(&format!("{key:>width$}  {}\n", lines.next().unwrap_or("")));
         for more in lines {
-            println!("{:>width$}  {more}", "");
+            out.push_str(&format!("{:>width$}  {more}\n", ""));
         }
     }
     for failure in &summary.failures {
-        println!("FAILURE: {failure}");
+        out.push_str(&format!("FAILURE: {failure}\n"));
     }
-    if json {
-        match serde_json::to_string(summary) {
-            Ok(line) => println!("{line}"),
-            Err(error) => {
-                println!("{{\"ok\":false,\"failures\":[\"summary not serialisable: {error}\"]}}")
-            }
-        }
+    for splat in failed_splats(summary) {
+        out.push_str(&splat_excerpt(splat, PRINTED_EXCERPT_LINES));
     }
+    if !summary.failures.is_empty() {
+        // Last, where a reader of a failed run looks first.
+        out.push_str(&format!("reproduce: {}\n", summary.reproduce));
+    }
+    out
+}
+
+/// Lines of a splat's excerpt the table shows under the failures
+/// (`report.json` and `junit.xml` carry all of them).
+pub const PRINTED_EXCERPT_LINES: usize = 15;
+
+/// The splats that made the run fail (a `kernel splat:` failure names each).
+pub fn failed_splats(summary: &Summary) -> impl Iterator<Item = &Splat> {
+    summary.splat_details.iter().filter(|splat| {
+        let named = splat.summary();
+        summary.failures.iter().any(|f| f.contains(&named))
+    })
+}
+
+/// A splat as a block of text: its summary, signature and the first
+/// `max_lines` lines of its excerpt, indented.
+pub fn splat_excerpt(splat: &Splat, max_lines: usize) -> String {
+    let mut out = format!(
+        "splat {}\n  signature: {}\n",
+        splat.summary(),
+        splat.signature()
+    );
+    for line in splat.excerpt.iter().take(max_lines) {
+        out.push_str(&format!("  | {line}\n"));
+    }
+    if splat.excerpt.len() > max_lines {
+        out.push_str(&format!(
+            "  | … {} more lines in the run folder's console.log\n",
+            splat.excerpt.len() - max_lines
+        ));
+    }
+    out
 }
 
 /// What the device says it did with the workload's fences (`SUBMIT_3D`)
@@ -392,8 +463,124 @@ fn short(hash: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
+    use crate::console;
+
+    /// A failed run: a real KASAN report on the console (a fixture of the
+    /// splat parser) and a fence that never signaled; no trace.
+    pub fn failed_summary(run_dir: &Path) -> Summary {
+        let fixture = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/splats/kasan-slab-use-after-free.log"),
+        )
+        .unwrap();
+        let log = fixture.split_once("\n# ---\n").unwrap().1;
+        let console = console::parse(&format!("FENCELAB_WORKLOAD_START workload=smoke\n{log}"));
+        let failures = vec![
+            format!("kernel splat: {}", console.splats[0].summary()),
+            "fences signaled 1999 of 2000".to_owned(),
+        ];
+        Summary {
+            ok: false,
+            workload: "smoke".into(),
+            fences_submitted: 2000,
+            fences_signaled: 1999,
+            fence_errors: 0,
+            fence_timeouts: 1,
+            out_of_order: 0,
+            fences_per_s: 900.0,
+            rtt_us: RttUs::default(),
+            premature_signals: 0,
+            premature_fences: vec![],
+            write_checks: 0,
+            unload: None,
+            splats: console.splats.iter().map(Splat::summary).collect(),
+            splat_details: console.splats,
+            boot_to_result_ms: Some(31_500),
+            prepare_secs: 2.5,
+            kernel: KernelInfo {
+                release: "7.3.4".into(),
+                config_sha256: "c0ffee".into(),
+                cache_key: "k3y".into(),
+            },
+            guest_release: Some("7.3.4".into()),
+            guest_config: BTreeMap::new(),
+            accel: Accel::Tcg,
+            latency: None,
+            plan: Some(PathBuf::from("device/plans/reorder.toml")),
+            seed: Some(7),
+            trace: None,
+            device: None,
+            qemu_exit: Some(0),
+            run_dir: run_dir.to_path_buf(),
+            reproduce: "cargo xtask boot --plan device/plans/reorder.toml --seed 7".into(),
+            findings: vec![Finding {
+                kind: "premature_signal".into(),
+                count: 2,
+                fences: vec![3, 4],
+                detail: "signaled before the device completed".into(),
+            }],
+            failures,
+            early_boot_stalls: vec![],
+            latency_by_timeline: vec![],
+            latency_svg: None,
+        }
+    }
+
+    #[test]
+    fn a_failed_run_shows_its_splat_excerpt_cache_key_and_reproduce_line_last() {
+        let mut summary = failed_summary(Path::new("/runs/1-smoke"));
+        summary.latency_by_timeline = vec![TimelineLatency {
+            timeline: "2.0".into(),
+            fences: 2000,
+            unfinished: 0,
+            flushed: 0,
+            injected_p50_us: Some(2000.0),
+            injected_p99_us: Some(2000.0),
+            observed_p50_us: Some(2400.0),
+            observed_p99_us: Some(3900.0),
+            max_error_us: Some(1900.0),
+        }];
+        summary.latency_svg = Some(PathBuf::from("/runs/1-smoke/latency.svg"));
+        let table = table(&summary);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines.last(),
+            Some(&"reproduce: cargo xtask boot --plan device/plans/reorder.toml --seed 7")
+        );
+        assert!(
+            table.contains("7.3.4 (config c0ffee, cache key k3y)"),
+            "{table}"
+        );
+        assert!(table.contains("FAILURE: fences signaled 1999 of 2000"));
+        assert!(table.contains(
+            "  signature: kasan: KASAN: slab-use-after-free Read in __list_add_valid_or_report"
+        ));
+        let excerpt: Vec<&&str> = lines.iter().filter(|l| l.starts_with("  | ")).collect();
+        assert_eq!(excerpt.len(), PRINTED_EXCERPT_LINES + 1, "{table}");
+        assert_eq!(
+            excerpt[0],
+            &"  | =================================================================="
+        );
+        assert!(
+            excerpt[PRINTED_EXCERPT_LINES].contains("25 more lines"),
+            "{table}"
+        );
+        assert!(table.contains(
+            "2.0: 2000 fences · injected p50 2 ms / p99 2 ms · observed p50 2.4 ms / p99 3.9 ms · max error 1.9 ms"
+        ));
+        assert!(table.contains("histograms: /runs/1-smoke/latency.svg"));
+
+        summary.failures.clear();
+        let passing = super::table(&summary);
+        assert!(!passing.contains("  | "), "no excerpt without a failure");
+        assert_eq!(
+            passing.matches("reproduce").count(),
+            1,
+            "only the table row"
+        );
+    }
 
     #[test]
     fn reads_the_last_device_summary_line() {
