@@ -2,7 +2,9 @@
 //!
 //! - [`ResultLine`]: the `FENCELAB_RESULT {json}` line fence-hammer prints
 //!   in the guest and xtask reads from the console, with its round-trip
-//!   percentiles ([`RttUs`]) and `unload-live`'s figures ([`UnloadReport`]);
+//!   percentiles ([`RttUs`]), its fence errors by errno name, `unload-live`'s
+//!   figures ([`UnloadReport`]) and those of `deadline-race`, `callback-vs-release`,
+//!   `array-order` and `reset` ([`figures`]);
 //! - [`Accounting`]: the device's fence counts, in its summary line and on
 //!   its control plane.
 //!
@@ -11,11 +13,13 @@
 //! 0 / empty / `None`, and `null` reads as "not measured".
 
 mod accounting;
+pub mod figures;
 mod percentiles;
 mod result_line;
 mod unload;
 
 pub use accounting::Accounting;
+pub use figures::{ArrayOrderReport, CallbackRaceReport, DeadlineRaceReport, ResetReport};
 pub use percentiles::{MsPercentiles, RttUs, percentile, round_to};
 pub use result_line::{RESULT_MARKER, ResultLine};
 pub use unload::{DriverTotals, PendingAtRmmod, UnloadReport};

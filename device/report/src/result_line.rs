@@ -1,8 +1,12 @@
 //! The `FENCELAB_RESULT {json}` line: what a guest workload run counted.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{RttUs, UnloadReport};
+use crate::{
+    ArrayOrderReport, CallbackRaceReport, DeadlineRaceReport, ResetReport, RttUs, UnloadReport,
+};
 
 /// Prefix of the result line on the guest's stdout (and so on the console).
 pub const RESULT_MARKER: &str = "FENCELAB_RESULT ";
@@ -52,9 +56,32 @@ pub struct ResultLine {
     /// reached the device.
     #[serde(default)]
     pub submit_failures: u64,
+    /// Fences seen signaled with an error, by errno name (`"ETIMEDOUT"`;
+    /// `"ERRNO_n"` for a number without a name), whether or not the
+    /// workload expected that error: `unload-live`'s and `reset`'s `-ENODEV`
+    /// cut-offs are here too, though not in `fence_errors`. Always written,
+    /// `{}` when none.
+    #[serde(default)]
+    pub errors_by_errno: BTreeMap<String, u64>,
+    /// How many threads submitted fences (`signal-storm`: `--threads`;
+    /// the other workloads: 1; 0 when the run never started).
+    #[serde(default)]
+    pub threads: u64,
     /// `unload-live`'s own figures; absent for the other workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unload: Option<UnloadReport>,
+    /// `deadline-race`'s own figures; absent for the other workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_race: Option<DeadlineRaceReport>,
+    /// `callback-vs-release`'s own figures; absent for the other workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<CallbackRaceReport>,
+    /// `array-order`'s own figures; absent for the other workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array_order: Option<ArrayOrderReport>,
+    /// `reset`'s own figures; absent for the other workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetReport>,
     pub ok: bool,
 }
 
@@ -63,5 +90,55 @@ impl ResultLine {
     /// ioctls that failed.
     pub fn fences_sent(&self) -> u64 {
         self.fences_submitted.saturating_sub(self.submit_failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_line_reads_with_empty_new_fields() {
+        let line: ResultLine = serde_json::from_str(
+            r#"{"workload":"smoke","fences_submitted":3,"fences_signaled":3,"fence_errors":0,"ok":true}"#,
+        )
+        .unwrap();
+        assert!(line.errors_by_errno.is_empty());
+        assert_eq!(line.threads, 0);
+        assert_eq!(
+            (
+                line.deadline_race,
+                line.callbacks,
+                line.array_order,
+                line.reset
+            ),
+            (None, None, None, None)
+        );
+    }
+
+    #[test]
+    fn new_fields_read_back() {
+        let line: ResultLine = serde_json::from_str(
+            r#"{"fences_submitted":3,"fences_signaled":3,"fence_errors":3,"ok":false,
+                "errors_by_errno":{"ETIMEDOUT":3},"threads":4,
+                "deadline_race":{"deadlines_set":7,"set_after_signal":2},
+                "array_order":{"arrays":1,"components":4,"violations":0,"lag_us":{"p50":3,"p99":null}},
+                "reset":{"rounds":2,"cut_off":5},"future_key":1}"#,
+        )
+        .unwrap();
+        assert_eq!(line.errors_by_errno["ETIMEDOUT"], 3);
+        assert_eq!(line.threads, 4);
+        let d = line.deadline_race.unwrap();
+        assert_eq!(
+            (d.deadlines_set, d.set_after_signal, d.set_errors),
+            (7, 2, 0)
+        );
+        let a = line.array_order.unwrap();
+        assert_eq!(
+            (a.components, a.lag_us.p50, a.lag_us.p99),
+            (4, Some(3), None)
+        );
+        assert_eq!(line.reset.unwrap().cut_off, 5);
+        assert_eq!(line.callbacks, None);
     }
 }

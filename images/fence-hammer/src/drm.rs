@@ -252,6 +252,13 @@ pub struct WriteBuffer {
     slots: MappedSlots,
 }
 
+// SAFETY: the only non-thread-safe part is the mapping's raw pointer:
+// `mapping` is only used by `Drop` (with exclusive access), and `slots` only
+// reads the mapping (see `MappedSlots`), which stays mapped until the drop.
+unsafe impl Send for WriteBuffer {}
+// SAFETY: see `Send` above; `&WriteBuffer` only reads slots and handles.
+unsafe impl Sync for WriteBuffer {}
+
 impl WriteBuffer {
     /// Creates, waits for and maps a buffer holding `map.slots()` slots.
     pub fn create(node: &RenderNode, map: SlotMap) -> anyhow::Result<Self> {

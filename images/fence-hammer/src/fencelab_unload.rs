@@ -26,7 +26,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,10 +35,10 @@ use fencelab_report::{DriverTotals, MsPercentiles, PendingAtRmmod, UnloadReport}
 use fencelab_stream::{Op, encode};
 
 use crate::fencelab::FencelabNode;
+use crate::fencelab_cutoff::{self, Job};
 use crate::fencelab_uapi as fl;
 use crate::report::Outcome;
-use crate::sync_file::{self, Readiness, Status};
-use crate::uapi;
+use crate::sync_file::{self, Readiness};
 
 pub const NAME: &str = "unload-live";
 pub const SUMMARY: &str = "rmmod fencelab_drm with fences pending and their sync_files open, N rounds; every fence must end signaled";
@@ -47,8 +47,6 @@ pub const SUMMARY: &str = "rmmod fencelab_drm with fences pending and their sync
 const MODULE: &CStr = c"fencelab_drm";
 /// The driver's debugfs totals.
 const DEBUGFS_TIMELINES: &str = "/sys/kernel/debug/fencelab_drm/timelines";
-/// How long to wait for the render node after loading the module.
-const NODE_WAIT: Duration = Duration::from_secs(10);
 /// How long `rmmod` may keep failing with `EAGAIN`/`EBUSY` (a DRM file
 /// being released) before the round fails.
 const UNLOAD_WAIT: Duration = Duration::from_secs(10);
@@ -63,14 +61,6 @@ pub struct Config {
     pub rounds: u64,
     pub timelines: u32,
     pub work_ns: u64,
-}
-
-/// One fence of a round.
-struct Job {
-    fence: OwnedFd,
-    submitted_at: Instant,
-    fence_id: u64,
-    with_deadline: bool,
 }
 
 /// Parses the `total key=value ...` line of the driver's debugfs file.
@@ -132,7 +122,10 @@ impl Figures {
 /// Runs the workload; returns its outcome, the render node it used and its
 /// figures.
 pub fn run(cfg: &Config) -> (Outcome, String, UnloadReport) {
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        threads: 1,
+        ..Outcome::default()
+    };
     let mut figures = Figures::default();
     let mut device = String::new();
     let start = Instant::now();
@@ -173,7 +166,7 @@ fn one_round(
     if loaded_at.is_some() {
         load()?;
     }
-    let node = open(cfg)?;
+    let node = fencelab_cutoff::open_waiting(cfg.device.as_deref(), cfg.timelines)?;
     if device.is_empty() {
         *device = node.node().path().display().to_string();
     }
@@ -200,7 +193,8 @@ fn one_round(
                 }
                 let with_deadline = i % 2 == 0;
                 if with_deadline {
-                    set_deadline(submitted.fence.as_fd(), DEADLINE_AHEAD)?;
+                    let deadline = sync_file::monotonic_ns() + DEADLINE_AHEAD.as_nanos() as u64;
+                    sync_file::set_deadline(submitted.fence.as_fd(), deadline)?;
                     figures.deadlines_set += 1;
                 }
                 if out.timeline_name.is_none() {
@@ -241,60 +235,13 @@ fn one_round(
     figures.rounds += 1;
     figures.pending.push(pending);
 
-    let (mut completed, mut cut_off) = (0, 0);
-    for (i, job) in jobs.iter().enumerate() {
-        let what = format!(
-            "{label}: fence {i} (device fence {}{})",
-            job.fence_id,
-            if job.with_deadline { ", deadline" } else { "" }
-        );
-        match sync_file::poll_in(&[job.fence.as_fd()], Duration::ZERO)?[0] {
-            Readiness::Ready => out
-                .rtt_ns
-                .push(job.submitted_at.elapsed().as_nanos() as u64),
-            other => {
-                out.counts.timeouts += 1;
-                figures.unsignaled += 1;
-                out.note_error(format!("{what}: poll says {other:?} after the unload"));
-                continue;
-            }
-        }
-        let info = match sync_file::file_info(job.fence.as_fd()) {
-            Ok(info) => info,
-            Err(e) => {
-                out.counts.errors += 1;
-                figures.other_errors += 1;
-                out.note_error(format!("{what}: {e}"));
-                continue;
-            }
-        };
-        match info.status {
-            Status::Signaled => {
-                completed += 1;
-                out.counts.signaled += 1;
-            }
-            Status::Error(e) if e == -libc::ENODEV => {
-                cut_off += 1;
-                out.counts.signaled += 1;
-            }
-            Status::Error(e) => {
-                out.counts.errors += 1;
-                figures.other_errors += 1;
-                out.note_error(format!(
-                    "{what}: signaled with {} ({e})",
-                    io::Error::from_raw_os_error(-e)
-                ));
-            }
-            Status::Active => {
-                out.counts.timeouts += 1;
-                figures.unsignaled += 1;
-                out.note_error(format!("{what}: FILE_INFO says active after the unload"));
-            }
-        }
-    }
+    let settled = fencelab_cutoff::settle(&label, "the unload", &jobs, out)?;
     drop(jobs);
-    figures.completed += completed;
-    figures.cut_off += cut_off;
+    figures.completed += settled.completed;
+    figures.cut_off += settled.cut_off;
+    figures.other_errors += settled.other_errors;
+    figures.unsignaled += settled.unsignaled;
+    let (completed, cut_off) = (settled.completed, settled.cut_off);
     eprintln!(
         "fence-hammer: {label}: {share} fences, {pending} pending at rmmod; after: {completed} completed, {cut_off} cut off (-ENODEV); rmmod {:.1} ms",
         unload.as_secs_f64() * 1e3
@@ -328,18 +275,6 @@ fn check_wait(
                 out.counts.errors += 1;
                 out.note_error(format!("{label}: WAIT(0) on a pending fence: {e}"));
             }
-        }
-    }
-}
-
-/// Opens the render node, waiting for it to appear after a load.
-fn open(cfg: &Config) -> anyhow::Result<FencelabNode> {
-    let deadline = Instant::now() + NODE_WAIT;
-    loop {
-        match FencelabNode::open(cfg.device.as_deref(), cfg.timelines) {
-            Ok(node) => return Ok(node),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -383,27 +318,6 @@ fn unload() -> anyhow::Result<Duration> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// `SYNC_IOC_SET_DEADLINE`, `ahead` from now on CLOCK_MONOTONIC.
-fn set_deadline(fence: BorrowedFd<'_>, ahead: Duration) -> io::Result<()> {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to a valid pointer.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    let mut arg = uapi::SyncSetDeadline {
-        deadline_ns: now_ns + ahead.as_nanos() as u64,
-        pad: 0,
-    };
-    // SAFETY: SYNC_IOC_SET_DEADLINE takes a `struct sync_set_deadline *`,
-    // which holds no pointers.
-    unsafe { uapi::ioctl(fence, uapi::SYNC_IOC_SET_DEADLINE, &mut arg)? };
-    Ok(())
 }
 
 /// Logs the names the first fence reports while its driver is loaded.

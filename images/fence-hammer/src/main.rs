@@ -10,9 +10,12 @@
 //! 2 usage or setup error (no run).
 
 mod drm;
+mod errno;
 mod fencelab;
+mod fencelab_cutoff;
 mod fencelab_uapi;
 mod fencelab_unload;
+mod lanes;
 mod order;
 mod readback;
 mod report;
@@ -29,6 +32,7 @@ use clap::error::ErrorKind;
 
 use crate::drm::{RenderNode, WriteBuffer};
 use crate::fencelab::FencelabNode;
+use crate::lanes::{FencelabLanes, Lanes, VirtioLanes};
 use crate::readback::{SlotMap, SlotMemory};
 use crate::report::{ResultLine, result_line, setup_error_line, to_line};
 use crate::workloads::{Context, FenceSource, Params};
@@ -82,6 +86,32 @@ struct Cli {
     /// Module unloads of unload-live (the fences are shared among them)
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
+
+    /// Submitting threads of signal-storm, each on a timeline of its own
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+
+    /// Fences merged into one sync_file by array-order, each from another timeline
+    #[arg(long, value_name = "K", default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=64))]
+    merge_width: u64,
+
+    /// poll() waiter threads of callback-vs-release, each on merged sync_files of its own
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    waiters: u64,
+}
+
+impl Cli {
+    fn params(&self) -> Params {
+        Params {
+            fences: self.fences,
+            inflight: self.inflight as usize,
+            work_ns: self.work_ns,
+            timeout: Duration::from_millis(self.timeout_ms),
+            threads: self.threads as usize,
+            merge_width: self.merge_width as usize,
+            waiters: self.waiters as usize,
+        }
+    }
 }
 
 /// The DRM drivers fence-hammer speaks to.
@@ -127,6 +157,15 @@ impl Opened {
             Opened::Fencelab(fl) => fl,
         }
     }
+
+    /// More timelines on the same node.
+    fn lanes(&self) -> Box<dyn Lanes> {
+        let node = self.node().path().to_path_buf();
+        match self {
+            Opened::VirtioGpu(_) => Box::new(VirtioLanes { node }),
+            Opened::Fencelab(_) => Box::new(FencelabLanes { node }),
+        }
+    }
 }
 
 fn emit(line: &ResultLine) {
@@ -162,8 +201,9 @@ fn main() -> ExitCode {
         }
     };
 
-    if cli.workload == fencelab_unload::NAME {
-        return unload_live(&cli);
+    match cli.workload.as_str() {
+        fencelab_unload::NAME => return unload_live(&cli),
+        _ => {}
     }
 
     let workload = match workloads::find(&cli.workload) {
@@ -232,22 +272,58 @@ fn main() -> ExitCode {
         }
     };
 
-    let params = Params {
-        fences: cli.fences,
-        inflight: cli.inflight as usize,
-        work_ns: cli.work_ns,
-        timeout: Duration::from_millis(cli.timeout_ms),
-    };
+    let lanes = opened.lanes();
     let mut ctx = Context {
         source: opened.source(),
         slots: buffer.as_ref().map(|b| b as &dyn SlotMemory),
-        params,
+        lanes: &*lanes,
+        sync_files: &sync_file::Kernel,
+        params: cli.params(),
         label: workload.name,
     };
-    let outcome = (workload.run)(&mut ctx);
+    let outcome = match (workload.run)(&mut ctx) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            return setup_error(
+                Some(workload.name),
+                Some(Path::new(&device)),
+                Some(&driver),
+                format!("{e:#}"),
+            );
+        }
+    };
 
-    let line = result_line(workload.name, &device, &driver, &outcome);
-    emit(&line);
+    finish(&result_line(workload.name, &device, &driver, &outcome))
+}
+
+/// Refuses to run the fencelab_drm-only workload `name` on another driver
+/// or with fewer than `per_round` fences per round.
+fn check_fencelab_rounds(
+    cli: &Cli,
+    name: &str,
+    does: &str,
+    per_round: u64,
+) -> Result<(), ExitCode> {
+    let refuse = |msg: String| Err(setup_error(Some(name), cli.device.as_deref(), None, msg));
+    if cli.driver != Driver::Fencelab {
+        return refuse(format!(
+            "usage: {name} is not supported by this driver (virtio_gpu): it {does}; use --driver fencelab"
+        ));
+    }
+    if cli.rounds.saturating_mul(per_round) > cli.fences {
+        return refuse(format!(
+            "usage: --rounds {} needs at least {} --fences ({per_round} per round), not {}",
+            cli.rounds,
+            cli.rounds.saturating_mul(per_round),
+            cli.fences
+        ));
+    }
+    Ok(())
+}
+
+/// Prints the result line; the exit status follows its `ok`.
+fn finish(line: &ResultLine) -> ExitCode {
+    emit(line);
     if line.ok {
         ExitCode::SUCCESS
     } else {
@@ -259,24 +335,8 @@ fn main() -> ExitCode {
 /// here (an open DRM file keeps the module loaded).
 fn unload_live(cli: &Cli) -> ExitCode {
     let name = fencelab_unload::NAME;
-    if cli.driver != Driver::Fencelab {
-        return setup_error(
-            Some(name),
-            cli.device.as_deref(),
-            None,
-            format!("usage: {name} unloads fencelab_drm: it needs --driver fencelab"),
-        );
-    }
-    if cli.rounds > cli.fences {
-        return setup_error(
-            Some(name),
-            cli.device.as_deref(),
-            None,
-            format!(
-                "usage: --rounds {} is more than --fences {}",
-                cli.rounds, cli.fences
-            ),
-        );
+    if let Err(code) = check_fencelab_rounds(cli, name, "unloads fencelab_drm", 1) {
+        return code;
     }
     let cfg = fencelab_unload::Config {
         device: cli.device.clone(),
@@ -296,12 +356,7 @@ fn unload_live(cli: &Cli) -> ExitCode {
     let (outcome, device, figures) = fencelab_unload::run(&cfg);
     let mut line = result_line(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
     line.unload = Some(figures);
-    emit(&line);
-    if line.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_NOT_OK)
-    }
+    finish(&line)
 }
 
 #[cfg(test)]

@@ -79,8 +79,8 @@ impl SlotMap {
     }
 }
 
-/// The buffer the device writes fence values into.
-pub trait SlotMemory {
+/// The buffer the device writes fence values into; read from any thread.
+pub trait SlotMemory: Sync {
     /// The device resource id of the buffer (`res_handle` from
     /// `DRM_IOCTL_VIRTGPU_RESOURCE_CREATE`): what a `WRITE` op names.
     fn res_handle(&self) -> u32;
@@ -146,6 +146,14 @@ pub struct MappedSlots {
     map: SlotMap,
 }
 
+// SAFETY: `MappedSlots` only reads its memory, with volatile loads, and the
+// constructor's caller keeps the memory mapped while it is used, from any
+// thread: sharing or moving it between threads is as safe as a shared
+// reference to an array of u64.
+unsafe impl Send for MappedSlots {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for MappedSlots {}
+
 impl MappedSlots {
     /// # Safety
     /// `base` must be aligned for `u64` and point at `map.slots()` readable
@@ -176,14 +184,14 @@ impl MappedSlots {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use std::cell::RefCell;
+    use std::sync::Mutex;
 
     /// A buffer in host memory standing in for the mapped BO; tests write
     /// into it the way the device would.
     pub struct FakeSlots {
         pub res_handle: u32,
         pub map: SlotMap,
-        pub words: RefCell<Vec<u64>>,
+        pub words: Mutex<Vec<u64>>,
     }
 
     impl FakeSlots {
@@ -191,7 +199,7 @@ pub mod tests {
             Self {
                 res_handle,
                 map,
-                words: RefCell::new(vec![0; map.slots() as usize]),
+                words: Mutex::new(vec![0; map.slots() as usize]),
             }
         }
 
@@ -206,7 +214,7 @@ pub mod tests {
                 {
                     assert_eq!(resource, self.res_handle, "WRITE names the buffer");
                     assert_eq!(offset % SLOT_BYTES, 0, "aligned slot");
-                    self.words.borrow_mut()[(offset / SLOT_BYTES) as usize] = value;
+                    self.words.lock().unwrap()[(offset / SLOT_BYTES) as usize] = value;
                 }
             }
         }
@@ -220,7 +228,7 @@ pub mod tests {
             self.map
         }
         fn read_slot(&self, slot: u64) -> Option<u64> {
-            self.words.borrow().get(slot as usize).copied()
+            self.words.lock().unwrap().get(slot as usize).copied()
         }
     }
 

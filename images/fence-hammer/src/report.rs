@@ -2,12 +2,17 @@
 //! host reads from the guest console (its type, [`ResultLine`], is
 //! `fencelab-report`'s, which xtask reads it with).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use fencelab_report::ResultLine;
-use fencelab_report::{RESULT_MARKER, RttUs, round_to};
+use fencelab_report::{
+    ArrayOrderReport, CallbackRaceReport, DeadlineRaceReport, RESULT_MARKER, ResetReport, RttUs,
+    round_to,
+};
 
-use crate::readback::PrematureCheck;
+use crate::errno;
+use crate::readback::{MAX_PREMATURE_LISTED, PrematureCheck};
 
 /// Counters of one workload run.
 ///
@@ -28,14 +33,18 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// The run held every invariant. Premature signals (see
-    /// [`crate::readback`]) are not among them: they are findings about the
-    /// driver, which the host reports; the run itself still worked.
-    pub fn ok(&self) -> bool {
-        self.submitted == self.signaled
-            && self.errors == 0
-            && self.timeouts == 0
-            && self.out_of_order == 0
+    /// Every fence submitted signaled, without error, none timed out.
+    pub fn all_signaled(&self) -> bool {
+        self.submitted == self.signaled && self.errors == 0 && self.timeouts == 0
+    }
+
+    fn add(&mut self, other: Self) {
+        self.submitted += other.submitted;
+        self.signaled += other.signaled;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.out_of_order += other.out_of_order;
+        self.submit_failures += other.submit_failures;
     }
 }
 
@@ -54,6 +63,22 @@ pub struct Outcome {
     pub errors_logged: u64,
     /// WRITE read-backs and the premature signals they caught.
     pub premature: PrematureCheck,
+    /// Fences seen signaled with an error, by errno name (expected errors
+    /// such as unload-live's `-ENODEV` included).
+    pub errors_by_errno: BTreeMap<String, u64>,
+    /// Threads that submitted fences.
+    pub threads: u64,
+    /// Out-of-order signals are counted but break no invariant: the driver
+    /// does not promise order (fencelab_drm signals each fence when the
+    /// device answers it, see [`crate::lanes::Lanes::signals_in_order`]).
+    pub order_not_promised: bool,
+    /// Broken invariants of the workload's own (a leaked fd, a merged fence
+    /// with the wrong status, …), each also noted as an error message.
+    pub violations: u64,
+    pub deadline_race: Option<DeadlineRaceReport>,
+    pub callbacks: Option<CallbackRaceReport>,
+    pub array_order: Option<ArrayOrderReport>,
+    pub reset: Option<ResetReport>,
 }
 
 /// Error messages beyond this many are counted but not printed (a device
@@ -61,6 +86,54 @@ pub struct Outcome {
 pub const MAX_ERRORS_LOGGED: u64 = 20;
 
 impl Outcome {
+    /// The run held every invariant. Premature signals (see
+    /// [`crate::readback`]) and the findings of a workload's own figures are
+    /// not among them: they are findings about the driver, which the host
+    /// reports; the run itself still worked.
+    pub fn ok(&self) -> bool {
+        self.counts.all_signaled()
+            && (self.counts.out_of_order == 0 || self.order_not_promised)
+            && self.violations == 0
+    }
+
+    /// Counts a fence seen signaled with `errno` (either sign).
+    pub fn count_errno(&mut self, errno: i32) {
+        *self.errors_by_errno.entry(errno::name(errno)).or_default() += 1;
+    }
+
+    /// Counts a broken invariant and notes why.
+    pub fn violation(&mut self, msg: String) {
+        self.violations += 1;
+        self.note_error(msg);
+    }
+
+    /// Adds the counts of `other`, a part of the same run that ran beside
+    /// this one (another thread): counters add up, samples join, the first
+    /// error and timeline name are kept if this part has none. The elapsed
+    /// time and the workload's figures are the caller's to set.
+    pub fn absorb(&mut self, other: Outcome) {
+        self.counts.add(other.counts);
+        self.rtt_ns.extend(other.rtt_ns);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        if self.timeline_name.is_none() {
+            self.timeline_name = other.timeline_name;
+        }
+        self.errors_logged += other.errors_logged;
+        self.premature.checks += other.premature.checks;
+        self.premature.premature += other.premature.premature;
+        let room = MAX_PREMATURE_LISTED.saturating_sub(self.premature.first.len());
+        self.premature
+            .first
+            .extend(other.premature.first.into_iter().take(room));
+        for (name, n) in other.errors_by_errno {
+            *self.errors_by_errno.entry(name).or_default() += n;
+        }
+        self.threads += other.threads;
+        self.violations += other.violations;
+    }
+
     /// Keeps the first error message and logs the first
     /// [`MAX_ERRORS_LOGGED`] to stderr.
     pub fn note_error(&mut self, msg: String) {
@@ -103,8 +176,14 @@ pub fn result_line(workload: &str, device: &str, driver: &str, o: &Outcome) -> R
         premature_fences: o.premature.first.clone(),
         write_checks: o.premature.checks,
         submit_failures: o.counts.submit_failures,
+        errors_by_errno: o.errors_by_errno.clone(),
+        threads: o.threads,
         unload: None,
-        ok: o.counts.ok(),
+        deadline_race: o.deadline_race,
+        callbacks: o.callbacks,
+        array_order: o.array_order,
+        reset: o.reset,
+        ok: o.ok(),
     }
 }
 
@@ -133,7 +212,13 @@ pub fn setup_error_line(
         premature_fences: Vec::new(),
         write_checks: 0,
         submit_failures: 0,
+        errors_by_errno: BTreeMap::new(),
+        threads: 0,
         unload: None,
+        deadline_race: None,
+        callbacks: None,
+        array_order: None,
+        reset: None,
         ok: false,
     }
 }
@@ -151,42 +236,37 @@ mod tests {
 
     #[test]
     fn ok_needs_every_fence_signaled_and_no_violation() {
+        let ok = |counts: Counts| {
+            Outcome {
+                counts,
+                ..Default::default()
+            }
+            .ok()
+        };
         let good = Counts {
             submitted: 5,
             signaled: 5,
             ..Default::default()
         };
-        assert!(good.ok());
-        assert!(
-            !Counts {
-                signaled: 4,
-                errors: 1,
-                ..good
-            }
-            .ok()
-        );
-        assert!(
-            !Counts {
-                signaled: 4,
-                timeouts: 1,
-                ..good
-            }
-            .ok()
-        );
-        assert!(
-            !Counts {
-                out_of_order: 1,
-                ..good
-            }
-            .ok()
-        );
-        assert!(
-            !Counts {
-                signaled: 4,
-                ..good
-            }
-            .ok()
-        );
+        assert!(ok(good));
+        assert!(!ok(Counts {
+            signaled: 4,
+            errors: 1,
+            ..good
+        }));
+        assert!(!ok(Counts {
+            signaled: 4,
+            timeouts: 1,
+            ..good
+        }));
+        assert!(!ok(Counts {
+            out_of_order: 1,
+            ..good
+        }));
+        assert!(!ok(Counts {
+            signaled: 4,
+            ..good
+        }));
     }
 
     fn parse(line: &str) -> serde_json::Map<String, Value> {
@@ -198,7 +278,7 @@ mod tests {
         }
     }
 
-    const KEYS: [&str; 18] = [
+    const KEYS: [&str; 20] = [
         "workload",
         "device",
         "driver",
@@ -216,6 +296,8 @@ mod tests {
         "premature_fences",
         "write_checks",
         "submit_failures",
+        "errors_by_errno",
+        "threads",
         "ok",
     ];
 
@@ -237,6 +319,8 @@ mod tests {
                 premature: 2,
                 first: vec![1, 3],
             },
+            threads: 1,
+            ..Default::default()
         };
         let line = to_line(&result_line(
             "smoke",
@@ -272,6 +356,8 @@ mod tests {
         assert_eq!(m["premature_fences"], serde_json::json!([1, 3]));
         assert_eq!(m["write_checks"], 4);
         assert_eq!(m["submit_failures"], 0);
+        assert_eq!(m["errors_by_errno"], serde_json::json!({}));
+        assert_eq!(m["threads"], 1);
         assert_eq!(
             m["ok"], true,
             "premature signals are findings, not failures"
@@ -358,5 +444,127 @@ mod tests {
         assert_eq!(m["device"], Value::Null);
         assert_eq!(m["fences_submitted"], 0);
         assert!(m["first_error"].as_str().unwrap().contains("renderD*"));
+    }
+
+    #[test]
+    fn errors_are_counted_by_errno_name() {
+        let mut o = Outcome::default();
+        o.count_errno(-libc::ETIMEDOUT);
+        o.count_errno(-libc::ETIMEDOUT);
+        o.count_errno(-libc::ENODEV);
+        let m = parse(&to_line(&result_line("smoke", "/d", "fencelab_drm", &o)));
+        assert_eq!(
+            m["errors_by_errno"],
+            serde_json::json!({"ENODEV": 1, "ETIMEDOUT": 2})
+        );
+    }
+
+    #[test]
+    fn workload_figures_are_written_only_when_measured() {
+        let mut o = Outcome {
+            counts: Counts {
+                submitted: 1,
+                signaled: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = to_line(&result_line("smoke", "/d", "virtio_gpu", &o));
+        for key in ["deadline_race", "callbacks", "array_order", "reset"] {
+            assert!(!text.contains(key), "{key} absent: {text}");
+        }
+        o.deadline_race = Some(DeadlineRaceReport {
+            deadlines_set: 5,
+            ..Default::default()
+        });
+        o.reset = Some(ResetReport {
+            rounds: 2,
+            ..Default::default()
+        });
+        let text = to_line(&result_line("deadline-race", "/d", "virtio_gpu", &o));
+        let m = parse(&text);
+        assert_eq!(m["deadline_race"]["deadlines_set"], 5);
+        assert_eq!(m["reset"]["rounds"], 2);
+        assert!(text.find("\"reset\":").unwrap() < text.find("\"ok\":").unwrap());
+        assert!(text.find("\"threads\":").unwrap() < text.find("\"deadline_race\":").unwrap());
+    }
+
+    #[test]
+    fn violations_and_unpromised_order() {
+        let clean = Outcome {
+            counts: Counts {
+                submitted: 3,
+                signaled: 3,
+                out_of_order: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(!clean.ok(), "out of order breaks the run by default");
+        let tolerated = Outcome {
+            order_not_promised: true,
+            ..clean.clone()
+        };
+        assert!(
+            tolerated.ok(),
+            "counted, not a failure, where order is not promised"
+        );
+        let mut broken = tolerated.clone();
+        broken.violation("fd leaked".into());
+        assert!(!broken.ok());
+        assert_eq!(broken.first_error.as_deref(), Some("fd leaked"));
+    }
+
+    #[test]
+    fn absorbing_a_part_adds_it_up() {
+        let mut a = Outcome {
+            counts: Counts {
+                submitted: 2,
+                signaled: 2,
+                ..Default::default()
+            },
+            rtt_ns: vec![1, 2],
+            threads: 1,
+            premature: PrematureCheck {
+                checks: 2,
+                premature: 1,
+                first: vec![0],
+            },
+            ..Default::default()
+        };
+        a.count_errno(-libc::EIO);
+        let mut b = Outcome {
+            counts: Counts {
+                submitted: 3,
+                signaled: 2,
+                timeouts: 1,
+                ..Default::default()
+            },
+            rtt_ns: vec![3],
+            threads: 1,
+            first_error: Some("fence #7: not signaled".into()),
+            timeline_name: Some("t".into()),
+            premature: PrematureCheck {
+                checks: 2,
+                premature: 2,
+                first: vec![5, 6],
+            },
+            ..Default::default()
+        };
+        b.count_errno(-libc::EIO);
+        b.violations = 1;
+        a.absorb(b);
+        assert_eq!(
+            (a.counts.submitted, a.counts.signaled, a.counts.timeouts),
+            (5, 4, 1)
+        );
+        assert_eq!(a.rtt_ns, vec![1, 2, 3]);
+        assert_eq!(a.threads, 2);
+        assert_eq!(a.violations, 1);
+        assert_eq!(a.first_error.as_deref(), Some("fence #7: not signaled"));
+        assert_eq!(a.timeline_name.as_deref(), Some("t"));
+        assert_eq!((a.premature.checks, a.premature.premature), (4, 3));
+        assert_eq!(a.premature.first, vec![0, 5, 6]);
+        assert_eq!(a.errors_by_errno["EIO"], 2);
     }
 }

@@ -1,8 +1,8 @@
-//! sync_file fds: wait for them with poll(2) and read them with
-//! `SYNC_IOC_FILE_INFO`.
+//! sync_file fds: wait for them with poll(2), read them with
+//! `SYNC_IOC_FILE_INFO`, merge them and set their deadlines.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -30,6 +30,10 @@ pub enum SyncFileError {
     #[error("poll() on {nfds} sync_file fd(s) failed: {source}")]
     Poll { nfds: usize, source: io::Error },
 }
+
+/// The kernel's sync_files (see `workloads::SyncFiles`).
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel;
 
 /// What poll(2) said about one fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +165,60 @@ fn file_info_raw(fd: BorrowedFd<'_>, info: &mut uapi::SyncFileInfo) -> Result<()
     }
 }
 
+/// `SYNC_IOC_MERGE`: a new sync_file named `name` (truncated to 31 bytes)
+/// that signals once both `a` and `b` have; the kernel keeps the later fence
+/// of each fence context, so fences of different contexts make a
+/// `dma_fence_array`.
+pub fn merge(a: BorrowedFd<'_>, b: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    let mut data = uapi::SyncMergeData {
+        fd2: b.as_raw_fd(),
+        fence: -1,
+        ..Default::default()
+    };
+    let len = name.len().min(data.name.len() - 1);
+    data.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: SYNC_IOC_MERGE takes a `struct sync_merge_data *`, which holds
+    // no pointers; `fd2` is borrowed for the duration of the call.
+    unsafe { uapi::ioctl(a, uapi::SYNC_IOC_MERGE, &mut data)? };
+    if data.fence < 0 {
+        return Err(io::Error::other(format!(
+            "SYNC_IOC_MERGE succeeded but returned fence {}",
+            data.fence
+        )));
+    }
+    // SAFETY: on success the kernel installed a new sync_file fd in our
+    // table and handed ownership of it to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(data.fence) })
+}
+
+/// `SYNC_IOC_SET_DEADLINE`: asks that `fence` signal by `deadline_ns`
+/// (CLOCK_MONOTONIC, see [`monotonic_ns`]).
+pub fn set_deadline(fence: BorrowedFd<'_>, deadline_ns: u64) -> io::Result<()> {
+    let mut arg = uapi::SyncSetDeadline {
+        deadline_ns,
+        pad: 0,
+    };
+    // SAFETY: SYNC_IOC_SET_DEADLINE takes a `struct sync_set_deadline *`,
+    // which holds no pointers.
+    unsafe { uapi::ioctl(fence, uapi::SYNC_IOC_SET_DEADLINE, &mut arg)? };
+    Ok(())
+}
+
+/// Now on CLOCK_MONOTONIC, in ns: the clock of sync_file signal timestamps
+/// and deadlines.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    // CLOCK_MONOTONIC always exists on Linux; the call cannot fail with a
+    // valid pointer.
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// Reads a sync_file: first with `num_fences = 0` (status and fence count),
 /// then with a buffer for every fence (timeline, driver, status, timestamp).
 pub fn file_info(fd: BorrowedFd<'_>) -> Result<FileInfo, SyncFileError> {
@@ -289,6 +347,24 @@ mod tests {
             file_info(e.as_fd()),
             Err(SyncFileError::NotSyncFile { .. })
         ));
+    }
+
+    #[test]
+    fn merge_and_set_deadline_refuse_non_sync_fds() {
+        let (r1, _w1) = pipe();
+        let (r2, _w2) = pipe();
+        let err = merge(r1.as_fd(), r2.as_fd(), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY), "{err}");
+        let err = set_deadline(r1.as_fd(), monotonic_ns()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY), "{err}");
+    }
+
+    #[test]
+    fn monotonic_ns_advances() {
+        let a = monotonic_ns();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = monotonic_ns();
+        assert!(b >= a + 2_000_000, "{a} -> {b}");
     }
 
     #[test]

@@ -270,7 +270,6 @@ pub const SYNC_IOC_MAGIC: u8 = b'>';
 /// `struct sync_merge_data`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // for the array-order workload
 pub struct SyncMergeData {
     pub name: [u8; 32],
     pub fd2: i32,
@@ -315,7 +314,6 @@ const _: () = assert!(size_of::<SyncFileInfo>() == 56);
 /// `struct sync_set_deadline`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // for the deadline-race workload
 pub struct SyncSetDeadline {
     /// Absolute CLOCK_MONOTONIC deadline in nanoseconds.
     pub deadline_ns: u64,
@@ -325,12 +323,10 @@ pub struct SyncSetDeadline {
 const _: () = assert!(size_of::<SyncSetDeadline>() == 16);
 
 /// `SYNC_IOC_MERGE = _IOWR('>', 3, struct sync_merge_data)`.
-#[allow(dead_code)] // for the array-order workload
 pub const SYNC_IOC_MERGE: c_ulong = iowr::<SyncMergeData>(SYNC_IOC_MAGIC, 3);
 /// `SYNC_IOC_FILE_INFO = _IOWR('>', 4, struct sync_file_info)`.
 pub const SYNC_IOC_FILE_INFO: c_ulong = iowr::<SyncFileInfo>(SYNC_IOC_MAGIC, 4);
 /// `SYNC_IOC_SET_DEADLINE = _IOW('>', 5, struct sync_set_deadline)`.
-#[allow(dead_code)] // for the deadline-race workload
 pub const SYNC_IOC_SET_DEADLINE: c_ulong = iow::<SyncSetDeadline>(SYNC_IOC_MAGIC, 5);
 
 /// The bytes of a fixed-size C string field up to its first NUL, lossily
