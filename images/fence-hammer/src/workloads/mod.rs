@@ -22,10 +22,11 @@ use crate::sync_file::{self, FileInfo, SyncFileError};
 #[cfg(test)]
 pub mod fake;
 pub mod pipeline;
+pub mod signal_storm;
 pub mod smoke;
 
 /// Every workload, in the order `--workload` lists them.
-pub const WORKLOADS: &[Workload] = &[smoke::WORKLOAD];
+pub const WORKLOADS: &[Workload] = &[smoke::WORKLOAD, signal_storm::WORKLOAD];
 
 /// The workloads `main` runs itself, as (name, summary).
 pub const DRIVER_WORKLOADS: &[(&str, &str)] = &[(
