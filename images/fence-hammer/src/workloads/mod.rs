@@ -19,6 +19,7 @@ use crate::readback::SlotMemory;
 use crate::report::Outcome;
 use crate::sync_file::{self, FileInfo, SyncFileError};
 
+pub mod deadline_race;
 #[cfg(test)]
 pub mod fake;
 pub mod pipeline;
@@ -26,7 +27,11 @@ pub mod signal_storm;
 pub mod smoke;
 
 /// Every workload, in the order `--workload` lists them.
-pub const WORKLOADS: &[Workload] = &[smoke::WORKLOAD, signal_storm::WORKLOAD];
+pub const WORKLOADS: &[Workload] = &[
+    smoke::WORKLOAD,
+    signal_storm::WORKLOAD,
+    deadline_race::WORKLOAD,
+];
 
 /// The workloads `main` runs itself, as (name, summary).
 pub const DRIVER_WORKLOADS: &[(&str, &str)] = &[(
