@@ -19,6 +19,7 @@ use crate::readback::SlotMemory;
 use crate::report::Outcome;
 use crate::sync_file::{self, FileInfo, SyncFileError};
 
+pub mod callback_race;
 pub mod deadline_race;
 #[cfg(test)]
 pub mod fake;
@@ -31,6 +32,7 @@ pub const WORKLOADS: &[Workload] = &[
     smoke::WORKLOAD,
     signal_storm::WORKLOAD,
     deadline_race::WORKLOAD,
+    callback_race::WORKLOAD,
 ];
 
 /// The workloads `main` runs itself, as (name, summary).
