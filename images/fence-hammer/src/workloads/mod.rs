@@ -19,6 +19,7 @@ use crate::readback::SlotMemory;
 use crate::report::Outcome;
 use crate::sync_file::{self, FileInfo, SyncFileError};
 
+pub mod array_order;
 pub mod callback_race;
 pub mod deadline_race;
 #[cfg(test)]
@@ -33,6 +34,7 @@ pub const WORKLOADS: &[Workload] = &[
     signal_storm::WORKLOAD,
     deadline_race::WORKLOAD,
     callback_race::WORKLOAD,
+    array_order::WORKLOAD,
 ];
 
 /// The workloads `main` runs itself, as (name, summary).
