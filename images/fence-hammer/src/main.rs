@@ -13,6 +13,7 @@ mod drm;
 mod errno;
 mod fencelab;
 mod fencelab_cutoff;
+mod fencelab_reset;
 mod fencelab_uapi;
 mod fencelab_unload;
 mod lanes;
@@ -38,6 +39,10 @@ use crate::report::{ResultLine, result_line, setup_error_line, to_line};
 use crate::workloads::{Context, FenceSource, Params};
 
 const EXIT_NOT_OK: u8 = 1;
+/// What `unload-live` and `reset` do that only fencelab_drm supports.
+const UNLOAD_DOES: &str = "unloads fencelab_drm";
+const RESET_DOES: &str =
+    "unbinds the device from fencelab_drm and needs every pending fence signaled -ENODEV";
 const EXIT_SETUP: u8 = 2;
 
 #[derive(Debug, Parser)]
@@ -203,6 +208,7 @@ fn main() -> ExitCode {
 
     match cli.workload.as_str() {
         fencelab_unload::NAME => return unload_live(&cli),
+        fencelab_reset::NAME => return reset(&cli),
         _ => {}
     }
 
@@ -296,29 +302,22 @@ fn main() -> ExitCode {
     finish(&result_line(workload.name, &device, &driver, &outcome))
 }
 
-/// Refuses to run the fencelab_drm-only workload `name` on another driver
-/// or with fewer than `per_round` fences per round.
-fn check_fencelab_rounds(
-    cli: &Cli,
-    name: &str,
-    does: &str,
-    per_round: u64,
-) -> Result<(), ExitCode> {
-    let refuse = |msg: String| Err(setup_error(Some(name), cli.device.as_deref(), None, msg));
+/// Why the fencelab_drm-only workload `name` (which `does` something only
+/// fencelab_drm supports) cannot run: another driver, or fewer than
+/// `per_round` fences per round.
+fn fencelab_rounds_usage(cli: &Cli, name: &str, does: &str, per_round: u64) -> Option<String> {
     if cli.driver != Driver::Fencelab {
-        return refuse(format!(
+        return Some(format!(
             "usage: {name} is not supported by this driver (virtio_gpu): it {does}; use --driver fencelab"
         ));
     }
-    if cli.rounds.saturating_mul(per_round) > cli.fences {
-        return refuse(format!(
-            "usage: --rounds {} needs at least {} --fences ({per_round} per round), not {}",
-            cli.rounds,
-            cli.rounds.saturating_mul(per_round),
-            cli.fences
-        ));
-    }
-    Ok(())
+    let needed = cli.rounds.saturating_mul(per_round);
+    (needed > cli.fences).then(|| {
+        format!(
+            "usage: --rounds {} needs at least {needed} --fences ({per_round} per round), not {}",
+            cli.rounds, cli.fences
+        )
+    })
 }
 
 /// Prints the result line; the exit status follows its `ok`.
@@ -335,8 +334,8 @@ fn finish(line: &ResultLine) -> ExitCode {
 /// here (an open DRM file keeps the module loaded).
 fn unload_live(cli: &Cli) -> ExitCode {
     let name = fencelab_unload::NAME;
-    if let Err(code) = check_fencelab_rounds(cli, name, "unloads fencelab_drm", 1) {
-        return code;
+    if let Some(msg) = fencelab_rounds_usage(cli, name, UNLOAD_DOES, 1) {
+        return setup_error(Some(name), cli.device.as_deref(), None, msg);
     }
     let cfg = fencelab_unload::Config {
         device: cli.device.clone(),
@@ -357,6 +356,38 @@ fn unload_live(cli: &Cli) -> ExitCode {
     let mut line = result_line(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
     line.unload = Some(figures);
     finish(&line)
+}
+
+/// `reset` unbinds and binds the device itself: it opens the node then.
+fn reset(cli: &Cli) -> ExitCode {
+    let name = fencelab_reset::NAME;
+    if let Some(msg) = fencelab_rounds_usage(cli, name, RESET_DOES, 2) {
+        return setup_error(Some(name), cli.device.as_deref(), None, msg);
+    }
+    let cfg = fencelab_reset::Config {
+        device: cli.device.clone(),
+        fences: cli.fences,
+        rounds: cli.rounds,
+        timelines: cli.timelines.unwrap_or(4),
+        work_ns: cli.work_ns,
+        timeout: Duration::from_millis(cli.timeout_ms),
+    };
+    eprintln!(
+        "fence-hammer: {name} ({}): {} fences, {} rounds, {} timelines, WORK {} ns",
+        fencelab_reset::SUMMARY,
+        cfg.fences,
+        cfg.rounds,
+        cfg.timelines,
+        cfg.work_ns
+    );
+    let (mut outcome, device, figures) = fencelab_reset::run(&cfg);
+    outcome.reset = Some(figures);
+    finish(&result_line(
+        name,
+        &device,
+        fencelab_uapi::DRIVER_NAME,
+        &outcome,
+    ))
 }
 
 #[cfg(test)]
@@ -444,5 +475,55 @@ mod tests {
         assert!(Cli::try_parse_from(["fence-hammer", "--inflight", "0"]).is_err());
         assert!(Cli::try_parse_from(["fence-hammer", "--fences", "0"]).is_err());
         assert!(Cli::try_parse_from(["fence-hammer", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn reset_and_unload_live_need_fencelab_and_enough_fences() {
+        let cli = |args: &[&str]| Cli::try_parse_from([&["fence-hammer"], args].concat()).unwrap();
+        let msg = fencelab_rounds_usage(&cli(&["--workload", "reset"]), "reset", RESET_DOES, 2)
+            .expect("virtio_gpu refused");
+        assert!(
+            msg.starts_with("usage: reset is not supported by this driver (virtio_gpu)"),
+            "{msg}"
+        );
+        let fl = cli(&["--driver", "fencelab", "--rounds", "10", "--fences", "19"]);
+        let msg = fencelab_rounds_usage(&fl, "reset", RESET_DOES, 2).expect("too few fences");
+        assert!(
+            msg.contains("--rounds 10 needs at least 20 --fences"),
+            "{msg}"
+        );
+        assert_eq!(
+            fencelab_rounds_usage(&fl, "unload-live", UNLOAD_DOES, 1),
+            None
+        );
+        let fl = cli(&["--driver", "fencelab", "--rounds", "10", "--fences", "20"]);
+        assert_eq!(fencelab_rounds_usage(&fl, "reset", RESET_DOES, 2), None);
+    }
+
+    #[test]
+    fn workload_flags_parse() {
+        let cli = Cli::try_parse_from(["fence-hammer"]).unwrap();
+        assert_eq!((cli.threads, cli.merge_width, cli.waiters), (4, 4, 3));
+        let p = cli.params();
+        assert_eq!(
+            (p.threads, p.merge_width, p.waiters, p.inflight),
+            (4, 4, 3, 8)
+        );
+        let cli = Cli::try_parse_from([
+            "fence-hammer",
+            "--threads=8",
+            "--merge-width=2",
+            "--waiters=5",
+        ])
+        .unwrap();
+        assert_eq!((cli.threads, cli.merge_width, cli.waiters), (8, 2, 5));
+        for bad in [
+            "--threads=0",
+            "--merge-width=1",
+            "--waiters=0",
+            "--threads=65",
+        ] {
+            assert!(Cli::try_parse_from(["fence-hammer", bad]).is_err(), "{bad}");
+        }
     }
 }

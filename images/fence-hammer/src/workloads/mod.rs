@@ -38,10 +38,13 @@ pub const WORKLOADS: &[Workload] = &[
 ];
 
 /// The workloads `main` runs itself, as (name, summary).
-pub const DRIVER_WORKLOADS: &[(&str, &str)] = &[(
-    crate::fencelab_unload::NAME,
-    crate::fencelab_unload::SUMMARY,
-)];
+pub const DRIVER_WORKLOADS: &[(&str, &str)] = &[
+    (
+        crate::fencelab_unload::NAME,
+        crate::fencelab_unload::SUMMARY,
+    ),
+    (crate::fencelab_reset::NAME, crate::fencelab_reset::SUMMARY),
+];
 
 /// One selectable workload.
 pub struct Workload {
@@ -198,6 +201,25 @@ mod tests {
         for w in WORKLOADS {
             assert!(err.contains(w.name), "{err} should list {}", w.name);
         }
+    }
+
+    #[test]
+    fn the_catalogue_names_are_all_here() {
+        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+        assert_eq!(
+            names,
+            [
+                "smoke",
+                "signal-storm",
+                "deadline-race",
+                "callback-vs-release",
+                "array-order"
+            ]
+        );
+        let others: Vec<&str> = DRIVER_WORKLOADS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(others, ["unload-live", "reset"]);
+        let err = find("nope").err().expect("unknown").to_string();
+        assert!(err.contains("reset (unbind the device"), "{err}");
     }
 
     #[test]
