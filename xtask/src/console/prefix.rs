@@ -10,6 +10,9 @@ pub struct ConsoleLine<'a> {
     /// interrupt context), when the kernel prints them. Lines of one splat
     /// share it; lines of another CPU's splat printed meanwhile do not.
     pub caller: Option<&'a str>,
+    /// It had a printk timestamp. In a log whose kernel lines have one, a
+    /// line without is user space writing to the same console.
+    pub timestamped: bool,
     /// The message, indentation kept (call traces and KTAP nest by it),
     /// trailing whitespace removed.
     pub body: &'a str,
@@ -41,6 +44,7 @@ pub fn split(raw: &str) -> ConsoleLine<'_> {
     };
     ConsoleLine {
         caller,
+        timestamped: had_timestamp,
         body: body.trim_end(),
     }
 }
@@ -108,9 +112,11 @@ mod tests {
             split("[   12.345678] BUG: x\r"),
             ConsoleLine {
                 caller: None,
+                timestamped: true,
                 body: "BUG: x"
             }
         );
+        assert!(!split("fence-hammer: smoke: first fence").timestamped);
         assert_eq!(
             split("<4>[    3.581234] ------------[ cut here ]------------").body,
             "------------[ cut here ]------------"

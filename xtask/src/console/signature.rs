@@ -126,9 +126,14 @@ fn lockdep(title: &str, after: &[&str]) -> String {
             .and_then(|at| after.get(at + 1))
             .and_then(|l| lock_name(l))
     };
-    let title = normalize(title.trim_start_matches("WARNING: "));
+    let title = normalize(
+        title
+            .trim_start_matches("WARNING: ")
+            .trim_start_matches("[ ")
+            .trim_end_matches(" ]"),
+    );
     match (
-        lock_after("is trying to acquire"),
+        lock_after("is trying to acquire").or_else(|| lock_after("is trying to lock")),
         lock_after("already holding lock"),
     ) {
         (Some(new), Some(held)) => format!("{title}: acquiring {new} while holding {held}"),
@@ -299,13 +304,19 @@ fn frame_name(line: &str) -> Option<String> {
 }
 
 /// `f+0x2c/0x300 [module]` → `f`; compiler suffixes (`.cold`, `.isra.0`,
-/// `.constprop.0`) are dropped too.
+/// `.constprop.0`) are dropped too. Rust symbols (the kernel prints them
+/// mangled) are demangled without their crate hashes:
+/// `_RNvMs1_NtCs7kwb3qSsk5u_12fencelab_drm3gpuNtB5_8Timeline6submit` →
+/// `<fencelab_drm::gpu::Timeline>::submit`.
 fn symbol(place: &str) -> String {
     let place = place.trim();
     let end = place
         .find(|c: char| c == '+' || c.is_whitespace() || c == '(' || c == ',')
         .unwrap_or(place.len());
     let name = &place[..end];
+    if let Ok(rust) = rustc_demangle::try_demangle(name) {
+        return format!("{rust:#}");
+    }
     name.split('.').next().unwrap_or(name).to_owned()
 }
 
@@ -425,6 +436,17 @@ mod tests {
         ] {
             assert_eq!(frame_name(line).as_deref(), Some(name), "{line}");
         }
+        assert_eq!(
+            frame_name(
+                " _RINvNtNtCs1EKtwoKEMO2_6kernel7dma_buf9dma_fence19callback_trampolineNtNtNtCs7kwb3qSsk5u_12fencelab_drm6inject20sleep_in_signal_path9SignalLogEB1a_+0x43/0xb0 [fencelab_drm]"
+            )
+            .as_deref(),
+            Some("kernel::dma_buf::dma_fence::callback_trampoline::<fencelab_drm::inject::sleep_in_signal_path::SignalLog>")
+        );
+        assert_eq!(
+            symbol("_RNvMs1_NtCs7kwb3qSsk5u_12fencelab_drm3gpuNtB5_8Timeline6submit+0x160/0x11a0"),
+            "<fencelab_drm::gpu::Timeline>::submit"
+        );
         assert_eq!(frame_name("</TASK>"), None);
         assert_eq!(frame_name("0xffffffffc14dd888"), None);
     }

@@ -141,6 +141,10 @@ const CLASSES: &[Class] = &[
         "lockdep-held-at-exit",
         Contains("lock held when returning to user space"),
     ),
+    class(
+        "lockdep-wait-context",
+        Contains("BUG: Invalid wait context"),
+    ),
     class("suspicious-rcu", Contains("suspicious RCU usage")),
     class(
         "sleep-in-atomic",
@@ -293,29 +297,32 @@ struct Open {
     lines: Vec<String>,
     /// Waiting for its closing `=====` line.
     bracketed: bool,
+    /// Its lines carry printk timestamps: untimestamped lines printed
+    /// meanwhile are user space's, not the splat's.
+    timestamped: bool,
 }
 
 impl Open {
     fn new(
         start: Start,
         phase: Phase,
-        caller: Option<&str>,
         index: usize,
         banner: Option<String>,
-        body: &str,
+        line: ConsoleLine<'_>,
     ) -> Self {
         let mut open = Open {
             class: None,
             phase,
-            caller: caller.map(str::to_owned),
+            caller: line.caller.map(str::to_owned),
             first_line: index - usize::from(banner.is_some()),
             title: 0,
             lines: banner.into_iter().collect(),
             bracketed: false,
+            timestamped: line.timestamped,
         };
         match start {
-            Start::CutHere => open.lines.push(body.to_owned()),
-            Start::Class(class) => open.retitle(class, body),
+            Start::CutHere => open.lines.push(line.body.to_owned()),
+            Start::Class(class) => open.retitle(class, line.body),
         }
         open
     }
@@ -360,7 +367,9 @@ pub struct Scanner {
     done: Vec<Splat>,
     /// Per caller: a `=====` line just printed outside any splat, which the
     /// splat that follows (KASAN, lockdep) starts with.
-    banner: HashMap<Option<String>, String>,
+    /// Whether the banner had a timestamp: user-space lines (none) printed
+    /// after a timestamped banner do not separate it from its splat.
+    banner: HashMap<Option<String>, (String, bool)>,
 }
 
 impl Scanner {
@@ -374,6 +383,9 @@ impl Scanner {
             .iter()
             .position(|o| o.caller.as_deref() == line.caller)
         {
+            if self.open[at].timestamped && !line.timestamped {
+                return; // user space on the console, amid the kernel's report
+            }
             if self.continue_open(at, line.body, text, start) {
                 return;
             }
@@ -388,21 +400,22 @@ impl Scanner {
         let key = line.caller.map(str::to_owned);
         match start {
             Some(start) => {
-                let banner = carried_banner.or_else(|| self.banner.remove(&key));
-                self.open.push(Open::new(
-                    start,
-                    phase,
-                    line.caller,
-                    index,
-                    banner,
-                    line.body,
-                ));
+                let banner =
+                    carried_banner.or_else(|| self.banner.remove(&key).map(|(text, _)| text));
+                self.open.push(Open::new(start, phase, index, banner, line));
             }
             None if is_banner(text) => {
-                self.banner.insert(key, line.body.to_owned());
+                self.banner
+                    .insert(key, (line.body.to_owned(), line.timestamped));
             }
             None => {
-                self.banner.remove(&key);
+                if self
+                    .banner
+                    .get(&key)
+                    .is_some_and(|&(_, stamped)| stamped == line.timestamped)
+                {
+                    self.banner.remove(&key);
+                }
             }
         }
     }
