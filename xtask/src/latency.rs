@@ -172,9 +172,16 @@ struct Line<'a> {
     due_ns: Option<u64>,
     #[serde(default)]
     flushed: bool,
-    /// `abandoned`: the fences a reset dropped.
-    #[serde(default)]
-    fences: Vec<u64>,
+    /// `abandoned`: the fences a reset dropped (`irq_dropped` has a count).
+    fences: Option<Fences>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Fences {
+    List(Vec<u64>),
+    /// Anything else (`irq_dropped`'s count).
+    Other(serde::de::IgnoredAny),
 }
 
 impl Latencies {
@@ -264,7 +271,10 @@ impl Latencies {
                 }
             }
             ("abandoned", ..) => {
-                for fence in &line.fences {
+                let Some(Fences::List(fences)) = &line.fences else {
+                    return;
+                };
+                for fence in fences {
                     let dropped: Vec<(String, u64)> = in_flight
                         .keys()
                         .filter(|(_, f)| f == fence)
@@ -336,6 +346,7 @@ pub mod tests {
             let fence = 5000 + k;
             decide(&mut out, t, "2.0", fence, Some(t + 2_000_000));
             out.push_str("{\"event\":\"notify\",\"t_ns\":1,\"kind\":\"normal\",\"covers\":1}\n");
+            out.push_str("{\"event\":\"irq_dropped\",\"t_ns\":2,\"fences\":1}\n");
             complete(&mut out, t + 2_000_000, "2.0", fence, t + 2_000_000, false);
             t += 3_000_000;
         }
