@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::fencelab::FencelabNode;
@@ -14,6 +14,24 @@ use crate::sync_file::{self, Readiness, Status};
 
 /// How long to wait for the render node after a load or a bind.
 pub const NODE_WAIT: Duration = Duration::from_secs(10);
+
+/// What `unload-live` and `reset` are asked to do.
+#[derive(Debug, Clone)]
+pub struct RoundsConfig {
+    pub device: Option<PathBuf>,
+    pub fences: u64,
+    pub rounds: u64,
+    pub timelines: u32,
+    pub work_ns: u64,
+    /// How long a fence that must complete may take.
+    pub timeout: Duration,
+}
+
+/// Fences of round `round` when `rounds` rounds share `fences` as evenly as
+/// possible (the first `fences % rounds` rounds get one more).
+pub fn round_share(fences: u64, rounds: u64, round: u64) -> u64 {
+    fences / rounds + u64::from(round < fences % rounds)
+}
 
 /// One fence submitted before the driver let go.
 pub struct Job {

@@ -20,7 +20,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -28,7 +28,7 @@ use fencelab_report::ResetReport;
 use fencelab_stream::{Op, encode};
 
 use crate::fencelab::FencelabNode;
-use crate::fencelab_cutoff::{self, Job};
+use crate::fencelab_cutoff::{self, Job, RoundsConfig};
 use crate::fencelab_uapi as fl;
 use crate::report::Outcome;
 use crate::sync_file::{self, Readiness, Status};
@@ -42,35 +42,21 @@ const DRIVER_DIR: &str = "/sys/bus/virtio/drivers/fencelab_drm";
 /// Most fences of the submit/wait pass after each rebind.
 pub const AFTER_RESET_MAX: u64 = 8;
 
-/// What the workload is asked to do.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub device: Option<PathBuf>,
-    pub fences: u64,
-    pub rounds: u64,
-    pub timelines: u32,
-    pub work_ns: u64,
-    pub timeout: Duration,
-}
-
 /// How round `round`'s fences split: (pending at the unbind, after the
 /// rebind). The rounds share `fences` as evenly as possible; every round
 /// needs two.
 pub fn split(fences: u64, rounds: u64, round: u64) -> (u64, u64) {
-    let share = fences / rounds + u64::from(round < fences % rounds);
+    let share = fencelab_cutoff::round_share(fences, rounds, round);
     let after = (share / 4)
         .clamp(1, AFTER_RESET_MAX)
         .min(share.saturating_sub(1));
     (share - after, after)
 }
 
-/// Runs the workload; returns its outcome, the render node it used first
-/// and its figures.
-pub fn run(cfg: &Config) -> (Outcome, String, ResetReport) {
-    let mut out = Outcome {
-        threads: 1,
-        ..Outcome::default()
-    };
+/// Runs the workload; returns its outcome (with its `reset` figures) and
+/// the render node it used first.
+pub fn run(cfg: &RoundsConfig) -> (Outcome, String) {
+    let mut out = Outcome::one_thread();
     let mut report = ResetReport::default();
     let mut device = String::new();
     let start = Instant::now();
@@ -91,11 +77,12 @@ pub fn run(cfg: &Config) -> (Outcome, String, ResetReport) {
     }
     out.elapsed = start.elapsed();
     eprintln!("fence-hammer: {NAME}: {}", report.one_line());
-    (out, device, report)
+    out.reset = Some(report);
+    (out, device)
 }
 
 fn one_round(
-    cfg: &Config,
+    cfg: &RoundsConfig,
     round: u64,
     label: &str,
     node: FencelabNode,

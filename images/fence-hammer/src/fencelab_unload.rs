@@ -27,7 +27,7 @@
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use fencelab_report::{DriverTotals, MsPercentiles, PendingAtRmmod, UnloadReport}
 use fencelab_stream::{Op, encode};
 
 use crate::fencelab::FencelabNode;
-use crate::fencelab_cutoff::{self, Job};
+use crate::fencelab_cutoff::{self, Job, RoundsConfig};
 use crate::fencelab_uapi as fl;
 use crate::report::Outcome;
 use crate::sync_file::{self, Readiness};
@@ -52,16 +52,6 @@ const DEBUGFS_TIMELINES: &str = "/sys/kernel/debug/fencelab_drm/timelines";
 const UNLOAD_WAIT: Duration = Duration::from_secs(10);
 /// How far ahead of submission the deadlines are set.
 const DEADLINE_AHEAD: Duration = Duration::from_millis(1);
-
-/// What the workload is asked to do.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub device: Option<PathBuf>,
-    pub fences: u64,
-    pub rounds: u64,
-    pub timelines: u32,
-    pub work_ns: u64,
-}
 
 /// Parses the `total key=value ...` line of the driver's debugfs file.
 fn parse_driver_totals(text: &str) -> Option<DriverTotals> {
@@ -119,20 +109,17 @@ impl Figures {
     }
 }
 
-/// Runs the workload; returns its outcome, the render node it used and its
-/// figures.
-pub fn run(cfg: &Config) -> (Outcome, String, UnloadReport) {
-    let mut out = Outcome {
-        threads: 1,
-        ..Outcome::default()
-    };
+/// Runs the workload; returns its outcome (with its `unload` figures) and
+/// the render node it used.
+pub fn run(cfg: &RoundsConfig) -> (Outcome, String) {
+    let mut out = Outcome::one_thread();
     let mut figures = Figures::default();
     let mut device = String::new();
     let start = Instant::now();
     let stream = encode(&[Op::Work { ns: cfg.work_ns }]);
 
     for round in 0..cfg.rounds {
-        let share = cfg.fences / cfg.rounds + u64::from(round < cfg.fences % cfg.rounds);
+        let share = fencelab_cutoff::round_share(cfg.fences, cfg.rounds, round);
         if let Err(e) = one_round(
             cfg,
             round,
@@ -149,11 +136,12 @@ pub fn run(cfg: &Config) -> (Outcome, String, UnloadReport) {
     out.elapsed = start.elapsed();
     let report = figures.report();
     print_report(&report, &out);
-    (out, device, report)
+    out.unload = Some(report);
+    (out, device)
 }
 
 fn one_round(
-    cfg: &Config,
+    cfg: &RoundsConfig,
     round: u64,
     share: u64,
     stream: &[u8],

@@ -33,16 +33,13 @@ use clap::error::ErrorKind;
 
 use crate::drm::{RenderNode, WriteBuffer};
 use crate::fencelab::FencelabNode;
+use crate::fencelab_cutoff::RoundsConfig;
 use crate::lanes::{FencelabLanes, Lanes, VirtioLanes};
 use crate::readback::{SlotMap, SlotMemory};
-use crate::report::{ResultLine, result_line, setup_error_line, to_line};
+use crate::report::{Outcome, ResultLine, result_line, setup_error_line, to_line};
 use crate::workloads::{Context, FenceSource, Params};
 
 const EXIT_NOT_OK: u8 = 1;
-/// What `unload-live` and `reset` do that only fencelab_drm supports.
-const UNLOAD_DOES: &str = "unloads fencelab_drm";
-const RESET_DOES: &str =
-    "unbinds the device from fencelab_drm and needs every pending fence signaled -ENODEV";
 const EXIT_SETUP: u8 = 2;
 
 #[derive(Debug, Parser)]
@@ -207,8 +204,8 @@ fn main() -> ExitCode {
     };
 
     match cli.workload.as_str() {
-        fencelab_unload::NAME => return unload_live(&cli),
-        fencelab_reset::NAME => return reset(&cli),
+        fencelab_unload::NAME => return run_rounds(&cli, &UNLOAD_LIVE),
+        fencelab_reset::NAME => return run_rounds(&cli, &RESET),
         _ => {}
     }
 
@@ -302,13 +299,14 @@ fn main() -> ExitCode {
     finish(&result_line(workload.name, &device, &driver, &outcome))
 }
 
-/// Why the fencelab_drm-only workload `name` (which `does` something only
-/// fencelab_drm supports) cannot run: another driver, or fewer than
-/// `per_round` fences per round.
-fn fencelab_rounds_usage(cli: &Cli, name: &str, does: &str, per_round: u64) -> Option<String> {
+/// Why `w` cannot run: another driver than fencelab_drm, or fewer fences
+/// than its rounds need.
+fn fencelab_rounds_usage(cli: &Cli, w: &RoundsWorkload) -> Option<String> {
+    let (name, per_round) = (w.name, w.per_round);
     if cli.driver != Driver::Fencelab {
         return Some(format!(
-            "usage: {name} is not supported by this driver (virtio_gpu): it {does}; use --driver fencelab"
+            "usage: {name} is not supported by this driver (virtio_gpu): it {}; use --driver fencelab",
+            w.does
         ));
     }
     let needed = cli.rounds.saturating_mul(per_round);
@@ -330,41 +328,42 @@ fn finish(line: &ResultLine) -> ExitCode {
     }
 }
 
-/// `unload-live` loads and unloads the driver itself, so it opens no node
-/// here (an open DRM file keeps the module loaded).
-fn unload_live(cli: &Cli) -> ExitCode {
-    let name = fencelab_unload::NAME;
-    if let Some(msg) = fencelab_rounds_usage(cli, name, UNLOAD_DOES, 1) {
-        return setup_error(Some(name), cli.device.as_deref(), None, msg);
-    }
-    let cfg = fencelab_unload::Config {
-        device: cli.device.clone(),
-        fences: cli.fences,
-        rounds: cli.rounds,
-        timelines: cli.timelines.unwrap_or(4),
-        work_ns: cli.work_ns,
-    };
-    eprintln!(
-        "fence-hammer: {name} ({}): {} fences, {} rounds, {} timelines, WORK {} ns",
-        fencelab_unload::SUMMARY,
-        cfg.fences,
-        cfg.rounds,
-        cfg.timelines,
-        cfg.work_ns
-    );
-    let (outcome, device, figures) = fencelab_unload::run(&cfg);
-    let mut line = result_line(name, &device, fencelab_uapi::DRIVER_NAME, &outcome);
-    line.unload = Some(figures);
-    finish(&line)
+/// A fencelab_drm workload that loads, unloads or unbinds the driver itself
+/// (`unload-live`, `reset`): run by `main`, with no node opened beforehand
+/// (an open DRM file keeps the module loaded).
+struct RoundsWorkload {
+    name: &'static str,
+    summary: &'static str,
+    /// What it does that only fencelab_drm supports.
+    does: &'static str,
+    /// Fewest fences a round needs.
+    per_round: u64,
+    /// Returns the outcome and the render node used.
+    run: fn(&RoundsConfig) -> (Outcome, String),
 }
 
-/// `reset` unbinds and binds the device itself: it opens the node then.
-fn reset(cli: &Cli) -> ExitCode {
-    let name = fencelab_reset::NAME;
-    if let Some(msg) = fencelab_rounds_usage(cli, name, RESET_DOES, 2) {
+const UNLOAD_LIVE: RoundsWorkload = RoundsWorkload {
+    name: fencelab_unload::NAME,
+    summary: fencelab_unload::SUMMARY,
+    does: "unloads fencelab_drm",
+    per_round: 1,
+    run: fencelab_unload::run,
+};
+
+const RESET: RoundsWorkload = RoundsWorkload {
+    name: fencelab_reset::NAME,
+    summary: fencelab_reset::SUMMARY,
+    does: "unbinds the device from fencelab_drm and needs every pending fence signaled -ENODEV",
+    per_round: 2,
+    run: fencelab_reset::run,
+};
+
+fn run_rounds(cli: &Cli, w: &RoundsWorkload) -> ExitCode {
+    let name = w.name;
+    if let Some(msg) = fencelab_rounds_usage(cli, w) {
         return setup_error(Some(name), cli.device.as_deref(), None, msg);
     }
-    let cfg = fencelab_reset::Config {
+    let cfg = RoundsConfig {
         device: cli.device.clone(),
         fences: cli.fences,
         rounds: cli.rounds,
@@ -374,14 +373,9 @@ fn reset(cli: &Cli) -> ExitCode {
     };
     eprintln!(
         "fence-hammer: {name} ({}): {} fences, {} rounds, {} timelines, WORK {} ns",
-        fencelab_reset::SUMMARY,
-        cfg.fences,
-        cfg.rounds,
-        cfg.timelines,
-        cfg.work_ns
+        w.summary, cfg.fences, cfg.rounds, cfg.timelines, cfg.work_ns
     );
-    let (mut outcome, device, figures) = fencelab_reset::run(&cfg);
-    outcome.reset = Some(figures);
+    let (outcome, device) = (w.run)(&cfg);
     finish(&result_line(
         name,
         &device,
@@ -480,24 +474,21 @@ mod tests {
     #[test]
     fn reset_and_unload_live_need_fencelab_and_enough_fences() {
         let cli = |args: &[&str]| Cli::try_parse_from([&["fence-hammer"], args].concat()).unwrap();
-        let msg = fencelab_rounds_usage(&cli(&["--workload", "reset"]), "reset", RESET_DOES, 2)
+        let msg = fencelab_rounds_usage(&cli(&["--workload", "reset"]), &RESET)
             .expect("virtio_gpu refused");
         assert!(
             msg.starts_with("usage: reset is not supported by this driver (virtio_gpu)"),
             "{msg}"
         );
         let fl = cli(&["--driver", "fencelab", "--rounds", "10", "--fences", "19"]);
-        let msg = fencelab_rounds_usage(&fl, "reset", RESET_DOES, 2).expect("too few fences");
+        let msg = fencelab_rounds_usage(&fl, &RESET).expect("too few fences");
         assert!(
             msg.contains("--rounds 10 needs at least 20 --fences"),
             "{msg}"
         );
-        assert_eq!(
-            fencelab_rounds_usage(&fl, "unload-live", UNLOAD_DOES, 1),
-            None
-        );
+        assert_eq!(fencelab_rounds_usage(&fl, &UNLOAD_LIVE), None);
         let fl = cli(&["--driver", "fencelab", "--rounds", "10", "--fences", "20"]);
-        assert_eq!(fencelab_rounds_usage(&fl, "reset", RESET_DOES, 2), None);
+        assert_eq!(fencelab_rounds_usage(&fl, &RESET), None);
     }
 
     #[test]

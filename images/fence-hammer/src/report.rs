@@ -8,7 +8,7 @@ use std::time::Duration;
 pub use fencelab_report::ResultLine;
 use fencelab_report::{
     ArrayOrderReport, CallbackRaceReport, DeadlineRaceReport, RESULT_MARKER, ResetReport, RttUs,
-    round_to,
+    UnloadReport, round_to,
 };
 
 use crate::errno;
@@ -75,6 +75,7 @@ pub struct Outcome {
     /// Broken invariants of the workload's own (a leaked fd, a merged fence
     /// with the wrong status, …), each also noted as an error message.
     pub violations: u64,
+    pub unload: Option<UnloadReport>,
     pub deadline_race: Option<DeadlineRaceReport>,
     pub callbacks: Option<CallbackRaceReport>,
     pub array_order: Option<ArrayOrderReport>,
@@ -86,6 +87,14 @@ pub struct Outcome {
 pub const MAX_ERRORS_LOGGED: u64 = 20;
 
 impl Outcome {
+    /// An empty outcome of a run with one submitting thread.
+    pub fn one_thread() -> Self {
+        Self {
+            threads: 1,
+            ..Self::default()
+        }
+    }
+
     /// The run held every invariant. Premature signals (see
     /// [`crate::readback`]) and the findings of a workload's own figures are
     /// not among them: they are findings about the driver, which the host
@@ -178,7 +187,7 @@ pub fn result_line(workload: &str, device: &str, driver: &str, o: &Outcome) -> R
         submit_failures: o.counts.submit_failures,
         errors_by_errno: o.errors_by_errno.clone(),
         threads: o.threads,
-        unload: None,
+        unload: o.unload.clone(),
         deadline_race: o.deadline_race,
         callbacks: o.callbacks,
         array_order: o.array_order,

@@ -101,10 +101,7 @@ fn run(ctx: &mut Context<'_>) -> anyhow::Result<Outcome> {
         ctx.label, p.fences
     );
 
-    let mut out = Outcome {
-        threads: 1,
-        ..Outcome::default()
-    };
+    let mut out = Outcome::one_thread();
     let mut report = ArrayOrderReport::default();
     let mut lags_ns = Vec::new();
     // Arrays merged from fences that had all signaled already (no lag).
@@ -419,14 +416,7 @@ mod tests {
 
     fn order(lanes: &FakeLanes, slots: Option<&FakeSlots>, p: Params) -> Outcome {
         let mut unused = FakeGpu::in_order();
-        let mut ctx = Context {
-            source: &mut unused,
-            slots: slots.map(|s| s as _),
-            lanes,
-            sync_files: lanes,
-            params: p,
-            label: "array-test",
-        };
+        let mut ctx = lanes.context(&mut unused, slots, p, "array-test");
         run(&mut ctx).unwrap()
     }
 

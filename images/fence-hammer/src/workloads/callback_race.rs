@@ -136,10 +136,7 @@ fn run_counting(
         p.fences, p.waiters, p.inflight
     );
 
-    let mut out = Outcome {
-        threads: 1,
-        ..Outcome::default()
-    };
+    let mut out = Outcome::one_thread();
     let mut report = CallbackRaceReport::default();
     let wakes: Vec<Wake> = (0..p.waiters)
         .map(|_| Wake::new())
@@ -461,14 +458,7 @@ mod tests {
         count_fds: &dyn Fn() -> io::Result<u64>,
     ) -> Outcome {
         let mut unused = FakeGpu::in_order();
-        let mut ctx = Context {
-            source: &mut unused,
-            slots: slots.map(|s| s as _),
-            lanes,
-            sync_files: lanes,
-            params: p,
-            label: "callback-test",
-        };
+        let mut ctx = lanes.context(&mut unused, slots, p, "callback-test");
         run_counting(&mut ctx, count_fds).unwrap()
     }
 

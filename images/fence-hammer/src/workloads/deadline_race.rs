@@ -143,14 +143,7 @@ mod tests {
 
     fn race(lanes: &FakeLanes, p: Params) -> Outcome {
         let mut source = lanes.source();
-        let mut ctx = Context {
-            source: &mut source,
-            slots: None,
-            lanes,
-            sync_files: lanes,
-            params: p,
-            label: "deadline-test",
-        };
+        let mut ctx = lanes.context(&mut source, None, p, "deadline-test");
         run(&mut ctx).unwrap()
     }
 

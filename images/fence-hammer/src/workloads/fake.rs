@@ -8,8 +8,9 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use super::{FenceSource, SyncFiles};
+use super::{Context, FenceSource, Params, SyncFiles};
 use crate::lanes::{Lane, Lanes};
+use crate::readback::SlotMemory;
 use crate::readback::tests::FakeSlots;
 use crate::sync_file::{FenceInfo, FileInfo, Status, SyncFileError};
 
@@ -249,6 +250,24 @@ impl FakeLanes {
 
     pub fn gpu(&self) -> std::sync::MutexGuard<'_, FakeGpu> {
         self.gpu.lock().unwrap()
+    }
+
+    /// A context whose lanes and sync_files are these, `source` the node.
+    pub fn context<'a>(
+        &'a self,
+        source: &'a mut dyn FenceSource,
+        slots: Option<&'a FakeSlots>,
+        params: Params,
+        label: &'a str,
+    ) -> Context<'a> {
+        Context {
+            source,
+            slots: slots.map(|s| s as &dyn SlotMemory),
+            lanes: self,
+            sync_files: self,
+            params,
+            label,
+        }
     }
 
     /// A source submitting to the shared GPU.

@@ -69,10 +69,7 @@ impl Pipeline<'_> {
         let p = self.params;
         let total = seqs.end.saturating_sub(seqs.start);
         let slot_map = self.slots.map(|m| m.map());
-        let mut out = Outcome {
-            threads: 1,
-            ..Outcome::default()
-        };
+        let mut out = Outcome::one_thread();
         let mut ts_order = TimestampOrder::default();
         let mut recheck = Recheck::new(p.inflight);
         let mut queue: VecDeque<InFlight> = VecDeque::with_capacity(p.inflight);

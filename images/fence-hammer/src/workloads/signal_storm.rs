@@ -102,10 +102,7 @@ fn run(ctx: &mut Context<'_>) -> anyhow::Result<Outcome> {
 
 /// The outcome of a thread that panicked: its fences are lost.
 fn panicked(t: usize, share: &std::ops::Range<u64>) -> Outcome {
-    let mut out = Outcome {
-        threads: 1,
-        ..Outcome::default()
-    };
+    let mut out = Outcome::one_thread();
     let n = share.end - share.start;
     out.counts.submitted = n;
     out.counts.errors = n;
@@ -138,14 +135,7 @@ mod tests {
 
     fn storm(lanes: &FakeLanes, slots: Option<&FakeSlots>, p: Params) -> anyhow::Result<Outcome> {
         let mut unused = FakeGpu::in_order();
-        let mut ctx = Context {
-            source: &mut unused,
-            slots: slots.map(|s| s as _),
-            lanes,
-            sync_files: lanes,
-            params: p,
-            label: "storm-test",
-        };
+        let mut ctx = lanes.context(&mut unused, slots, p, "storm-test");
         run(&mut ctx)
     }
 
