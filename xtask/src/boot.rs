@@ -260,6 +260,17 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let (mut summary, stalls) =
         guest::retry_early_boot_stalls(&args.workload, || run_once(args, &prepared))?;
     summary.early_boot_stalls = stalls;
+    let reports = crate::run_report::write_run_reports(&summary)?;
+    reports.attach(&mut summary);
+    step(format!(
+        "reports {} {}{}",
+        reports.report_json.display(),
+        reports.junit_xml.display(),
+        reports
+            .latency_note
+            .as_deref()
+            .map_or(String::new(), |note| format!(" (no latency plot: {note})"))
+    ));
     Ok(*summary)
 }
 

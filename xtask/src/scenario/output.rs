@@ -9,9 +9,6 @@ use super::run::Outcome;
 use super::spec::Scenario;
 use crate::junit;
 
-/// Lines of a splat quoted in reports.
-const EXCERPT_LINES: usize = 15;
-
 /// `--list`: name, drivers, what it hammers.
 pub fn list_line(scenario: &Scenario) -> String {
     let drivers: Vec<String> = scenario
@@ -118,10 +115,7 @@ pub fn details(outcome: &Outcome) -> String {
         out.push_str(&format!("reason: {reason}\n"));
     }
     for splat in &outcome.splats {
-        out.push_str(&format!("splat: {}\n", splat.summary()));
-        for line in splat.excerpt.iter().take(EXCERPT_LINES) {
-            out.push_str(&format!("    {line}\n"));
-        }
+        out.push_str(&crate::report::splat_excerpt(splat, crate::report::PRINTED_EXCERPT_LINES));
     }
     for finding in &outcome.driver_findings {
         out.push_str(&format!(
