@@ -1,8 +1,11 @@
 //! fence-hammer: the fencelab guest workload.
 //!
-//! Runs inside the test guest against the upstream `virtio_gpu` DRM driver:
-//! submits fenced EXECBUFFERs carrying fencelab command streams, waits on the
-//! out-fence sync_files and checks fence invariants. Progress goes to stderr;
+//! Runs inside the test guest against the upstream `virtio_gpu` DRM driver
+//! or fencelab's `fencelab_drm` (`--driver`): submits fenced jobs carrying
+//! fencelab command streams, waits on the out-fence sync_files and checks
+//! fence invariants, in one of the workloads of [`workloads`] (smoke,
+//! signal-storm, deadline-race, callback-vs-release, array-order) or
+//! fencelab_drm's own unload-live and reset. Progress goes to stderr;
 //! stdout gets exactly one line, `FENCELAB_RESULT {json}` (see
 //! [`report::ResultLine`]), whatever happens.
 //!
@@ -81,11 +84,11 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = Driver::VirtioGpu)]
     driver: Driver,
 
-    /// Timelines the fences are spread over, in turn (--driver fencelab) [default: 1; unload-live: 4]
+    /// Timelines the fences are spread over, in turn (--driver fencelab) [default: 1; unload-live, reset: 4]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     timelines: Option<u32>,
 
-    /// Module unloads of unload-live (the fences are shared among them)
+    /// Rounds of unload-live (module unloads) and reset (unbind + bind); the fences are shared among them
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
 
