@@ -115,7 +115,10 @@ pub fn details(outcome: &Outcome) -> String {
         out.push_str(&format!("reason: {reason}\n"));
     }
     for splat in &outcome.splats {
-        out.push_str(&crate::report::splat_excerpt(splat, crate::report::PRINTED_EXCERPT_LINES));
+        out.push_str(&crate::report::splat_excerpt(
+            splat,
+            crate::report::PRINTED_EXCERPT_LINES,
+        ));
     }
     for finding in &outcome.driver_findings {
         out.push_str(&format!(

@@ -262,7 +262,7 @@ fn record(state: &mut State, i: u64, outcome: &Outcome) {
     state.runs += 1;
     state.fences += outcome.fences_submitted;
     let pair = format!("{} on {}", outcome.scenario, outcome.driver);
-    let count = state.pairs.entry(pair).or_insert(PairCount::default());
+    let count = state.pairs.entry(pair).or_default();
     count.runs += 1;
     match outcome.verdict {
         Verdict::Pass => state.passed += 1,

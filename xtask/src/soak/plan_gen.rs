@@ -33,81 +33,68 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
     };
     let mut added = Vec::new();
     let mut rules: Vec<Value> = Vec::new();
-    let gpu = |extra: Table| -> Table {
-        let mut m = Table::new();
-        m.insert("command".into(), "SUBMIT_3D".into());
-        m.extend(extra);
-        m
-    };
-    let rule = |name: &str, matching: Table, action: &str, value: Value| -> Value {
-        let mut r = Table::new();
-        r.insert("name".into(), name.into());
-        r.insert("match".into(), Value::Table(matching));
-        r.insert(action.into(), value);
-        Value::Table(r)
-    };
     let us = |n: u64| Value::String(format!("{n}us"));
+    // A rule for the workload's fences (`SUBMIT_3D`), more match keys in `extra`.
+    let mut push = |name: &str, extra: Vec<(&str, Value)>, action: &str, value: Value| {
+        let mut matching = table(vec![("command", "SUBMIT_3D".into())]);
+        matching.extend(table(extra));
+        rules.push(Value::Table(table(vec![
+            ("name", name.into()),
+            ("match", Value::Table(matching)),
+            (action, value),
+        ])));
+    };
+    let tab = |pairs: Vec<(&str, Value)>| Value::Table(table(pairs));
 
     if !decided("latency", &plan) && rng.random_bool(0.5) {
         let mean = rng.random_range(20..=1500u64);
-        let mut dist = Table::new();
-        dist.insert("dist".into(), "exponential".into());
-        dist.insert("mean".into(), us(mean));
-        dist.insert("max".into(), us(mean * 10));
-        rules.push(rule(
-            "soak: job times",
-            gpu(Table::new()),
-            "latency",
-            Value::Table(dist),
-        ));
+        let dist = tab(vec![
+            ("dist", "exponential".into()),
+            ("mean", us(mean)),
+            ("max", us(mean * 10)),
+        ]);
+        push("soak: job times", vec![], "latency", dist);
         added.push(format!("exponential job times, mean {mean} µs"));
     }
     if !decided("cross_reorder", &plan) && rng.random_bool(0.4) {
         let jitter = rng.random_range(100..=2000u64);
-        let mut t = Table::new();
-        t.insert("jitter".into(), us(jitter));
-        rules.push(rule(
+        push(
             "soak: timelines jitter",
-            gpu(Table::new()),
+            vec![],
             "cross_reorder",
-            Value::Table(t),
-        ));
+            tab(vec![("jitter", us(jitter))]),
+        );
         added.push(format!("cross-timeline jitter {jitter} µs"));
     }
     if !decided("reorder", &plan) && rng.random_bool(0.3) {
         let window = rng.random_range(2..=8i64);
-        let mut t = Table::new();
-        t.insert("window".into(), Value::Integer(window));
-        t.insert("hold".into(), "2ms".into());
-        rules.push(rule(
-            "soak: reorder",
-            gpu(Table::new()),
-            "reorder",
-            Value::Table(t),
-        ));
+        let reorder = tab(vec![
+            ("window", Value::Integer(window)),
+            ("hold", "2ms".into()),
+        ]);
+        push("soak: reorder", vec![], "reorder", reorder);
         added.push(format!("in-ring reorder window {window}"));
     }
     if !decided("irq", &plan) && rng.random_bool(0.6) {
         let probability = f64::from(rng.random_range(1..=10u32)) / 100.0;
-        let mut matching = Table::new();
-        matching.insert("probability".into(), Value::Float(probability));
         let (what, irq) = match rng.random_range(0..4u32) {
-            0 => ("drop", Value::String("drop".into())),
-            1 => ("spurious", Value::String("spurious".into())),
-            2 => {
-                let d = rng.random_range(100..=1000u64);
-                let mut t = Table::new();
-                t.insert("coalesce".into(), us(d));
-                ("coalesce", Value::Table(t))
-            }
-            _ => {
-                let d = rng.random_range(100..=2000u64);
-                let mut t = Table::new();
-                t.insert("delay".into(), us(d));
-                ("delay", Value::Table(t))
-            }
+            0 => ("drop", "drop".into()),
+            1 => ("spurious", "spurious".into()),
+            2 => (
+                "coalesce",
+                tab(vec![("coalesce", us(rng.random_range(100..=1000u64)))]),
+            ),
+            _ => (
+                "delay",
+                tab(vec![("delay", us(rng.random_range(100..=2000u64)))]),
+            ),
         };
-        rules.push(rule("soak: interrupts", gpu(matching), "irq", irq));
+        push(
+            "soak: interrupts",
+            vec![("probability", Value::Float(probability))],
+            "irq",
+            irq,
+        );
         added.push(format!(
             "irq {what} on {:.0}% of fences",
             probability * 100.0
@@ -128,6 +115,11 @@ pub fn derive(base: Option<&str>, seed: u64) -> Result<Derived> {
     fencelab_device::plan::Plan::parse(&toml, "derived plan")
         .map_err(|e| anyhow::anyhow!("the derived plan is invalid (a soak bug): {e}\n{toml}"))?;
     Ok(Derived { toml, added })
+}
+
+/// A TOML table of `pairs`, in order.
+fn table(pairs: Vec<(&str, Value)>) -> Table {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 #[cfg(test)]
