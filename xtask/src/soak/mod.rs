@@ -16,7 +16,7 @@ use crate::boot::Driver;
 use crate::scenario::judge::Verdict;
 use crate::scenario::run::{self, Outcome, Request};
 use crate::scenario::spec::{self, Scenario};
-use state::{PairCount, Seen, Shard, State};
+use state::{Seen, Shard, State};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SoakArgs {
