@@ -83,19 +83,29 @@ pub fn check(guest: Option<&ResultLine>, device: &DeviceSummary) -> Verdict {
         return v;
     };
 
-    if d.submitted != g.fences_sent() {
+    // A fence the driver cut off with -ENODEV while it unbound (unload-live,
+    // reset) may never have reached the device: its submit ioctl raced the
+    // unbind. Each such fence explains one fence the device did not see.
+    let cut_off = g.errors_by_errno.get("ENODEV").copied().unwrap_or(0);
+    let sent = g.fences_sent();
+    let never_arrived = sent.saturating_sub(d.submitted);
+    if d.submitted > sent || never_arrived > cut_off {
         v.failures.push(format!(
-            "accounting: the device accepted {} SUBMIT_3D fences, the guest sent {} ({} submitted, {} ioctls failed)",
-            d.submitted,
-            g.fences_sent(),
-            g.fences_submitted,
-            g.submit_failures
+            "accounting: the device accepted {} SUBMIT_3D fences, the guest sent {} ({} submitted, {} ioctls failed, {} cut off with ENODEV)",
+            d.submitted, sent, g.fences_submitted, g.submit_failures, cut_off
         ));
     }
 
     let left_behind = d.hung + d.pending + d.abandoned;
     let complete = g.fence_timeouts == 0 && g.fence_errors == 0;
-    if complete && left_behind == 0 {
+    if complete && left_behind == 0 && never_arrived > 0 && never_arrived <= cut_off {
+        if g.fences_signaled > d.completed + never_arrived {
+            v.failures.push(format!(
+                "accounting: the guest saw {} fences signaled, more than the {} the device completed and the {never_arrived} cut off before they reached it",
+                g.fences_signaled, d.completed
+            ));
+        }
+    } else if complete && left_behind == 0 {
         if g.fences_signaled != d.completed {
             v.failures.push(format!(
                 "accounting: the guest saw {} fences signaled, the device completed {} (and left none hung or pending)",
@@ -121,6 +131,18 @@ pub fn check(guest: Option<&ResultLine>, device: &DeviceSummary) -> Verdict {
                 "{} of {} fences read back as signaled before the device completed them (WRITE not landed); device SUBMIT_3D at exit: {}",
                 g.premature_signals,
                 g.write_checks,
+                d.one_line()
+            ),
+        });
+    }
+    if g.out_of_order > 0 {
+        v.findings.push(Finding {
+            kind: "out_of_order_signal".into(),
+            count: g.out_of_order,
+            fences: Vec::new(),
+            detail: format!(
+                "{} fences were seen signaled before an earlier fence of their timeline (dma_fence requires one context's fences to signal in order); device SUBMIT_3D at exit: {}",
+                g.out_of_order,
                 d.one_line()
             ),
         });
@@ -227,6 +249,40 @@ mod tests {
         assert_eq!(v.failures.len(), 2, "{:?}", v.failures);
         assert!(v.failures[0].contains("accepted 99 SUBMIT_3D fences, the guest sent 100"));
         assert!(v.failures[1].contains("saw 100 fences signaled, the device completed 99"));
+    }
+
+    #[test]
+    fn fences_cut_off_by_an_unbind_may_never_reach_the_device() {
+        let mut g = guest(100, 100);
+        g.errors_by_errno.insert("ENODEV".into(), 3);
+        let v = check(Some(&g), &device(acct(98, 98)));
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        // More missing than were cut off: lost fences.
+        let v = check(Some(&g), &device(acct(96, 96)));
+        assert!(
+            v.failures[0].contains("accepted 96 SUBMIT_3D fences, the guest sent 100"),
+            "{:?}",
+            v.failures
+        );
+        // Signaled fences the device neither completed nor missed.
+        let mut g = g.clone();
+        g.fences_signaled = 101;
+        let v = check(Some(&g), &device(acct(98, 98)));
+        assert!(
+            v.failures[0].contains("more than the 98 the device completed"),
+            "{:?}",
+            v.failures
+        );
+    }
+
+    #[test]
+    fn fences_signaled_out_of_order_are_a_finding() {
+        let mut g = guest(100, 100);
+        g.out_of_order = 4;
+        let v = check(Some(&g), &device(acct(100, 100)));
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(v.findings[0].kind, "out_of_order_signal");
+        assert_eq!(v.findings[0].count, 4);
     }
 
     #[test]
