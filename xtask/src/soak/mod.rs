@@ -139,10 +139,14 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         state.save(&dir.join("state.json"))?;
         bar.set_position(state.elapsed_secs.min(state.duration_secs as f64) as u64);
         bar.set_message(counts_line(&state));
-        bar.println(format!(
-            "soak: #{i} {}",
-            crate::scenario::output::one_line(&outcome)
-        ));
+        let line = format!("soak: #{i} {}", crate::scenario::output::one_line(&outcome));
+        // indicatif draws nothing when stderr is not a terminal (CI logs):
+        // then each run gets a plain line with the counts.
+        if bar.is_hidden() {
+            eprintln!("{line}  [{}]", counts_line(&state));
+        } else {
+            bar.println(line);
+        }
         if crate::supervise::was_interrupted() {
             bar.abandon();
             bail!(
