@@ -173,11 +173,12 @@ fn injected_bugs_are_caught() -> Result<()> {
             inject_bug: Some(bug),
             console: false,
         })?;
+        // The details quote the splat that caught it (or say nothing did).
         println!("{}", crate::scenario::output::one_line(&outcome));
+        print!("{}", crate::scenario::output::details(&outcome));
         if outcome.caught_bug() {
             caught += 1;
         } else {
-            print!("{}", crate::scenario::output::details(&outcome));
             missed.push(bug.name);
         }
         if crate::supervise::was_interrupted() {
