@@ -225,6 +225,13 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let started = Instant::now();
     let args = &args.with_workload_defaults();
     args.check_plan()?;
+    // Refused before anything is built.
+    if let Some(name) = &args.inject_bug {
+        if args.driver != Driver::Fencelab {
+            bail!("--inject-bug {name}: the bugs are in fencelab_drm; add --driver fencelab");
+        }
+        crate::bugs::find(name)?;
+    }
     step("setup");
     let toolchain = setup::run()?;
     step("kernel");
@@ -233,9 +240,6 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     let initramfs = match &args.inject_bug {
         None => image::build(&kernel)?,
         Some(name) => {
-            if args.driver != Driver::Fencelab {
-                bail!("--inject-bug {name}: the bugs are in fencelab_drm; add --driver fencelab");
-            }
             let bug = crate::bugs::find(name)?;
             step(format!(
                 "building fencelab_drm with bug {name} ({})",
@@ -569,7 +573,7 @@ fn judge_guest(
     }
 }
 
-/// `ETIMEDOUT ×3, ENODEV ×1`, or `none` for the errors of a result line.
+/// `ETIMEDOUT ×3, ENODEV ×1`, or `none by errno`, for the errors of a result line.
 fn errno_counts(guest: &ResultLine) -> String {
     if guest.errors_by_errno.is_empty() {
         return "none by errno".into();
