@@ -178,6 +178,7 @@ impl Context<'_> {
             slots: self.slots,
             params: self.params,
             label: self.label.to_string(),
+            order_promised: self.lanes.signals_in_order(),
         }
     }
 }

@@ -49,6 +49,11 @@ pub struct Pipeline<'a> {
     pub params: Params,
     /// Name used in progress lines.
     pub label: String,
+    /// The driver signals one timeline's fences in order
+    /// ([`Lanes::signals_in_order`](crate::lanes::Lanes::signals_in_order)):
+    /// only then does an out-of-order signal fail the run. It is counted
+    /// either way.
+    pub order_promised: bool,
 }
 
 /// Called with each fence just submitted (its number and out-fence).
@@ -70,6 +75,7 @@ impl Pipeline<'_> {
         let total = seqs.end.saturating_sub(seqs.start);
         let slot_map = self.slots.map(|m| m.map());
         let mut out = Outcome::one_thread();
+        out.order_not_promised = !self.order_promised;
         let mut ts_order = TimestampOrder::default();
         let mut recheck = Recheck::new(p.inflight);
         let mut queue: VecDeque<InFlight> = VecDeque::with_capacity(p.inflight);

@@ -64,6 +64,7 @@ fn run(ctx: &mut Context<'_>) -> anyhow::Result<Outcome> {
     );
     let slots = ctx.slots;
     let label = ctx.label;
+    let order_promised = ctx.lanes.signals_in_order();
     let start = Instant::now();
     let parts: Vec<Outcome> = std::thread::scope(|scope| {
         let handles: Vec<_> = lanes
@@ -78,6 +79,7 @@ fn run(ctx: &mut Context<'_>) -> anyhow::Result<Outcome> {
                         slots,
                         params: p,
                         label: format!("{label}/{t}"),
+                        order_promised,
                     };
                     pipeline.run(share, &mut |_, _| {})
                 })
@@ -96,7 +98,7 @@ fn run(ctx: &mut Context<'_>) -> anyhow::Result<Outcome> {
         out.absorb(part);
     }
     out.elapsed = start.elapsed();
-    out.order_not_promised = !ctx.lanes.signals_in_order();
+    out.order_not_promised = !order_promised;
     Ok(out)
 }
 
