@@ -142,6 +142,11 @@ pub struct Summary {
     /// Earlier attempts whose kernel stalled before the init and were
     /// booted again; empty on a clean first boot.
     pub early_boot_stalls: Vec<EarlyBootStall>,
+    /// The guest's whole result line, for checks on the fields the table
+    /// does not copy (the workloads' own objects). Not in `report.json`,
+    /// which keeps its flat keys.
+    #[serde(skip)]
+    pub guest: Option<ResultLine>,
     /// Per-timeline injected vs observed latency, from the trace
     /// (`run_report::RunReports::attach` fills it in).
     pub latency_by_timeline: Vec<TimelineLatency>,
@@ -216,6 +221,7 @@ impl Summary {
             findings: run.findings,
             failures: run.failures,
             early_boot_stalls: Vec::new(),
+            guest,
             latency_by_timeline: Vec::new(),
             latency_svg: None,
         }
@@ -523,6 +529,7 @@ pub mod tests {
             }],
             failures,
             early_boot_stalls: vec![],
+            guest: None,
             latency_by_timeline: vec![],
             latency_svg: None,
         }

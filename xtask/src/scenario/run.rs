@@ -2,13 +2,13 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::judge::{self, Judgement, Verdict};
 use super::spec::{self, Scenario};
 use crate::boot::{self, BootArgs, Driver};
 use crate::bugs::Bug;
-use crate::console::{self, Splat};
+use crate::console::Splat;
 use crate::report::{Finding, Summary};
 
 /// What to run.
@@ -116,7 +116,10 @@ pub fn run(req: &Request) -> Result<Outcome> {
         args.timeout_secs = secs;
     }
     let summary = boot::execute(&args)?;
-    let guest = guest_result_json(&summary.run_dir);
+    let guest = summary
+        .guest
+        .as_ref()
+        .and_then(|g| serde_json::to_value(g).ok());
     let Judgement {
         verdict,
         reasons,
@@ -183,11 +186,4 @@ pub fn driver_value(driver: Driver) -> &'static str {
         Driver::VirtioGpu => "virtio-gpu",
         Driver::Fencelab => "fencelab",
     }
-}
-
-/// The guest's result line of a finished run, read back from its console log.
-fn guest_result_json(run_dir: &Path) -> Option<serde_json::Value> {
-    let console_log = std::fs::read_to_string(run_dir.join("console.log")).ok()?;
-    let json = console::parse(&console_log).result_json?;
-    serde_json::from_str(&json).ok()
 }
