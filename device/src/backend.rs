@@ -520,8 +520,46 @@ struct Reply<'a> {
     head: u16,
 }
 
-/// Reads the whole device-readable part of a chain, refusing absurd sizes.
+/// Why a chain is not a well-formed request, if it is not.
+///
+/// `virtio-queue` ends a chain's iteration silently where it cannot go on —
+/// a `next` past the descriptor table, a loop (it stops after queue-size
+/// descriptors), a broken or nested indirect table, more than 4 GiB — and
+/// gathers readable and writable descriptors wherever they are in the
+/// chain. Read as it is, such a chain is a different request from the one
+/// the guest wrote: a loop repeats the header and runs the command anyway
+/// (and wraps a long response round the same small buffer), and a readable
+/// descriptor after a writable one is read as if the guest had ordered
+/// them. QEMU and Linux's vhost refuse all of these (virtio 1.2, 2.7.5.2,
+/// 2.7.4.2); so does fencelab: the request is not executed and is answered
+/// `RESP_ERR_UNSPEC` where the chain has room for an answer.
+fn chain_defect(chain: &DescriptorChain<MemGuard>) -> Option<&'static str> {
+    let mut last = None;
+    let mut writable_seen = false;
+    for desc in chain.clone() {
+        if desc.is_write_only() {
+            writable_seen = true;
+        } else if writable_seen {
+            return Some("a device-readable descriptor follows a device-writable one");
+        }
+        last = Some(desc);
+    }
+    match last {
+        None => Some("the chain has no usable descriptor (bad head or indirect table)"),
+        Some(desc) if desc.has_next() => Some(
+            "the chain does not end: a loop, a link past the descriptor table, \
+             a bad indirect table, or more than 4 GiB",
+        ),
+        Some(_) => None,
+    }
+}
+
+/// Reads the whole device-readable part of a chain, refusing malformed
+/// chains ([`chain_defect`]) and absurd sizes.
 fn read_request(mem: &Mem, chain: DescriptorChain<MemGuard>) -> Result<Vec<u8>, String> {
+    if let Some(defect) = chain_defect(&chain) {
+        return Err(format!("malformed descriptor chain: {defect}"));
+    }
     let mut reader: Reader<'_> = Reader::new(mem, chain).map_err(|e| e.to_string())?;
     let len = reader.available_bytes();
     if len > MAX_REQUEST_BYTES {
