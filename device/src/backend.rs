@@ -140,6 +140,10 @@ fn duration_ns(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Where fenced requests naming a context that does not exist are tracked
+/// (the device's own context 0, ring 0; see `FencelabGpu::fence_timeline`).
+pub const STRAY_TIMELINE: TimelineId = TimelineId { ctx: 0, ring: 0 };
+
 /// The timeline a request's fence joins: its context, and its ring when the
 /// driver says which (`VIRTIO_GPU_FLAG_INFO_RING_IDX`), else ring 0.
 pub fn timeline_of(hdr: &CtrlHdr) -> TimelineId {
@@ -485,9 +489,26 @@ impl FencelabGpu {
         }
     }
 
+    /// The timeline a fenced request is tracked on: [`timeline_of`], unless
+    /// the request names a context the device does not have (it is answered
+    /// with an error, or is not even a valid command). Those go to
+    /// [`STRAY_TIMELINE`] instead of opening a timeline of their own: a
+    /// timeline's state lives as long as the device (arrival count, scheduler
+    /// queue, stats with two latency histograms of 16 KiB each), so a guest
+    /// naming a new context id in every fenced request grew the device
+    /// without bound (1 668 such requests: 65 MiB more resident memory).
+    fn fence_timeline(&self, hdr: &CtrlHdr) -> TimelineId {
+        let timeline = timeline_of(hdr);
+        if timeline.ctx == 0 || lock(&self.gpu).context(timeline.ctx).is_some() {
+            timeline
+        } else {
+            STRAY_TIMELINE
+        }
+    }
+
     /// Asks the plan about a fenced request arriving now.
     fn decide(&self, hdr: &CtrlHdr, command: &'static str, work_ns: u64) -> Decided {
-        let timeline = timeline_of(hdr);
+        let timeline = self.fence_timeline(hdr);
         let mut desk = lock(&self.desk);
         let arrivals = desk.arrivals.entry(timeline).or_default();
         let index = *arrivals;
