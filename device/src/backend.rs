@@ -29,8 +29,10 @@
 
 mod completion;
 mod control;
+mod serve;
 
 pub use completion::{Completion, SharedVring};
+pub use serve::{serve, serve_reconnecting};
 
 use std::collections::HashMap;
 use std::io;
@@ -42,7 +44,7 @@ use anyhow::Context as _;
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{GpuBackend, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
 };
@@ -184,6 +186,9 @@ pub struct FencelabGpu {
     paused: AtomicBool,
     stats: Arc<Stats>,
     tracer: Arc<dyn Tracer>,
+    /// Exit-event fds handed to vhost-user-backend, which never closes them
+    /// (see [`serve`]); closed when their connection ends.
+    exit_consumers: serve::ExitConsumers,
 }
 
 fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
@@ -214,6 +219,7 @@ impl FencelabGpu {
             paused: AtomicBool::new(false),
             stats: config.stats,
             tracer: config.tracer,
+            exit_consumers: serve::ExitConsumers::default(),
         })
     }
 
@@ -684,7 +690,10 @@ impl VhostUserBackend for FencelabGpu {
         // Without one the vring thread never ends, and dropping the daemon
         // (which joins it) hangs after the frontend disconnects.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers.note(&pair.0);
+                Some(pair)
+            }
             Err(e) => {
                 error!("cannot create the vring thread's exit event: {e}");
                 None
@@ -786,31 +795,6 @@ pub fn bind(path: &Path) -> anyhow::Result<Listener> {
     Listener::new(path, false)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot bind vhost-user socket {}", path.display()))
-}
-
-/// Serves one frontend connection on `listener` until it disconnects.
-pub fn serve(listener: &mut Listener, backend: Arc<FencelabGpu>) -> anyhow::Result<()> {
-    backend.forget_vrings();
-    let mem = GuestMemoryAtomic::new(Mem::new());
-    let mut daemon = VhostUserDaemon::new("fencelab-gpu".into(), backend, mem)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("cannot create the vhost-user daemon")?;
-    info!("waiting for the frontend");
-    daemon
-        .start(listener)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("cannot accept the frontend connection")?;
-    info!("frontend connected");
-    let res = daemon.wait();
-    daemon.request_shutdown();
-    match res {
-        Ok(()) => Ok(()),
-        // A frontend that quits mid-message is a normal way for a VM to end.
-        Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("{e}")).context("vhost-user connection failed"),
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,18 @@
 //! `fencelab-device --socket PATH [--latency DUR | --plan FILE] [--seed N]
-//! [--replay TRACE] [--trace FILE] [--control-socket PATH] [--log-file PATH]`
+//! [--replay TRACE] [--trace FILE] [--control-socket PATH] [--log-file PATH]
+//! [--reconnect]`
 //! `fencelab-device ctl --socket CTL <command>`
 //!
 //! Serves one vhost-user frontend connection, then prints a summary and
 //! exits. SIGTERM/SIGINT print the summary too. While it runs, the control
 //! socket (`device/CONTROL.md`) drives it; `ctl` is that socket's client.
+//!
+//! With `--reconnect` it serves frontends one after another on the same
+//! socket until SIGTERM/SIGINT, which print the summary of the whole run
+//! with `"connections"`, the number of frontend connections that ended.
+//! Each disconnect ends what the frontend left behind
+//! (`backend::serve_reconnecting`): its pending fences complete into its
+//! own ring, hung ones are abandoned, and the next frontend starts clean.
 //!
 //! Exit status: 0 after a run; 1 when the device cannot start or its
 //! frontend connection fails; 2 for bad arguments, an invalid plan or an
@@ -13,7 +21,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -81,6 +89,11 @@ struct Args {
     /// Write logs to this file instead of stderr.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// After the frontend disconnects, wait for the next one on the same
+    /// socket instead of exiting (the summary is printed at SIGTERM/SIGINT).
+    /// The departed frontend's fences do not carry over.
+    #[arg(long)]
+    reconnect: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -283,11 +296,18 @@ fn open_tracer(path: Option<&Path>) -> anyhow::Result<Arc<dyn Tracer>> {
 
 static SUMMARY: Once = Once::new();
 
+/// Frontend connections that ended, under `--reconnect` (`None` without:
+/// the summary then has no `connections` key).
+type Connections = Option<Arc<AtomicU64>>;
+
 /// Logs and prints the summary and flushes the trace, once, whoever gets
 /// here first (the main thread or the signal thread).
-fn finish(backend: &FencelabGpu) {
+fn finish(backend: &FencelabGpu, connections: &Connections) {
     SUMMARY.call_once(|| {
-        let summary = backend.summary();
+        let mut summary = backend.summary();
+        if let Some(ended) = connections {
+            summary["connections"] = ended.load(Ordering::Relaxed).into();
+        }
         info!(%summary, "summary");
         // Not eprintln!: it panics when stderr is gone, and this must not.
         let _ = writeln!(std::io::stderr(), "fencelab-device: summary {summary}");
@@ -322,6 +342,7 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
 fn spawn_signal_thread(
     signals: libc::sigset_t,
     backend: Arc<FencelabGpu>,
+    connections: Connections,
     control: Arc<ControlServer>,
     socket: PathBuf,
 ) -> anyhow::Result<()> {
@@ -334,7 +355,7 @@ fn spawn_signal_thread(
             if rc == 0 {
                 info!(signal = sig, "terminating on signal");
             }
-            finish(&backend);
+            finish(&backend, &connections);
             control.remove_socket();
             let _ = std::fs::remove_file(&socket);
             std::process::exit(0);
@@ -394,19 +415,24 @@ fn run_device(args: Args) -> Result<(), Failure> {
     let control = Arc::new(run(ControlServer::start(&control_path, backend.clone()))?);
     let mut listener = run(backend::bind(&socket))?;
     info!(socket = %socket.display(), control = %control_path.display(), "listening");
+    let connections: Connections = args.reconnect.then(Arc::default);
     run(spawn_signal_thread(
         signals,
         backend.clone(),
+        connections.clone(),
         control.clone(),
         socket,
     ))?;
 
-    let res = backend::serve(&mut listener, backend.clone());
+    let res = match &connections {
+        Some(ended) => backend::serve_reconnecting(&mut listener, backend.clone(), ended),
+        None => backend::serve(&mut listener, backend.clone()),
+    };
     match &res {
         Ok(()) => info!("frontend disconnected"),
         Err(e) => tracing::error!("{e:#}"),
     }
-    finish(&backend);
+    finish(&backend, &connections);
     control.remove_socket();
     drop(listener);
     run(res)
