@@ -45,6 +45,61 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
+/// Split-ring descriptor flags, for chains built by hand ([`RawDesc`]).
+pub const VRING_DESC_F_NEXT: u16 = F_NEXT;
+pub const VRING_DESC_F_WRITE: u16 = F_WRITE;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// One split-ring descriptor as a test writes it, malformed or not.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl RawDesc {
+    /// A device-readable descriptor that ends its chain.
+    pub fn readable(addr: u64, len: u32) -> Self {
+        RawDesc {
+            addr,
+            len,
+            flags: 0,
+            next: 0,
+        }
+    }
+
+    /// A device-writable descriptor that ends its chain.
+    pub fn writable(addr: u64, len: u32) -> Self {
+        RawDesc {
+            addr,
+            len,
+            flags: F_WRITE,
+            next: 0,
+        }
+    }
+
+    /// The same descriptor, continued at descriptor `next`.
+    pub fn then(self, next: u16) -> Self {
+        RawDesc {
+            flags: self.flags | F_NEXT,
+            next,
+            ..self
+        }
+    }
+
+    /// A descriptor pointing at an indirect table of `entries` descriptors.
+    pub fn indirect(table: u64, entries: usize) -> Self {
+        RawDesc {
+            addr: table,
+            len: (entries * 16) as u32,
+            flags: VRING_DESC_F_INDIRECT,
+            next: 0,
+        }
+    }
+}
+
 /// The driver side of one split virtqueue in test memory.
 pub struct Driver {
     pub mem: GuestMemoryMmap,
@@ -78,10 +133,15 @@ impl Driver {
         self.next_desc = (self.next_desc + 1) % QSIZE;
         let at = GuestAddress(DESC + u64::from(i) * 16);
         let next = (i + 1) % QSIZE;
-        self.mem.write_obj(addr, at).unwrap();
-        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        self.write_raw_desc(
+            at,
+            RawDesc {
+                addr,
+                len,
+                flags,
+                next,
+            },
+        );
         i
     }
 
@@ -105,13 +165,89 @@ impl Driver {
             head.get_or_insert(d);
         }
         let head = head.unwrap();
+        self.post_head(head);
+        (head, resp_addr)
+    }
+
+    /// Copies `bytes` into fresh test memory; returns their address.
+    pub fn place(&mut self, bytes: &[u8]) -> u64 {
+        let at = self.alloc(bytes.len());
+        self.mem.write_slice(bytes, GuestAddress(at)).unwrap();
+        at
+    }
+
+    /// Fresh test memory of `len` bytes, each set to `fill`.
+    pub fn buffer(&mut self, len: usize, fill: u8) -> u64 {
+        self.place(&vec![fill; len])
+    }
+
+    /// Takes `n` consecutive descriptor-table slots (not wrapping past the
+    /// end of the table) for a hand-built chain; returns the first.
+    pub fn reserve_descs(&mut self, n: u16) -> u16 {
+        assert!(n <= QSIZE, "{n} descriptors do not fit in the table");
+        if self.next_desc + n > QSIZE {
+            self.next_desc = 0;
+        }
+        let first = self.next_desc;
+        self.next_desc = (self.next_desc + n) % QSIZE;
+        first
+    }
+
+    /// Writes descriptor `i` of the table exactly as given.
+    pub fn write_desc(&self, i: u16, d: RawDesc) {
+        let at = GuestAddress(DESC + u64::from(i) * 16);
+        self.write_raw_desc(at, d);
+    }
+
+    fn write_raw_desc(&self, at: GuestAddress, d: RawDesc) {
+        self.mem.write_obj(d.addr, at).unwrap();
+        self.mem.write_obj(d.len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(d.flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(d.next, at.unchecked_add(14)).unwrap();
+    }
+
+    /// Places an indirect descriptor table holding `descs`; returns its address.
+    pub fn indirect_table(&mut self, descs: &[RawDesc]) -> u64 {
+        let at = self.alloc(descs.len() * 16);
+        for (k, d) in descs.iter().enumerate() {
+            self.write_raw_desc(GuestAddress(at + k as u64 * 16), *d);
+        }
+        at
+    }
+
+    /// Writes `descs` into consecutive fresh table slots and posts the first
+    /// as a chain head. A descriptor with `NEXT` set names its successor
+    /// *relative to the first slot* (`RawDesc::then(1)` is the slot after
+    /// the head), so loops and out-of-range links are written as meant.
+    pub fn post_descs(&mut self, descs: &[RawDesc]) -> u16 {
+        let n = u16::try_from(descs.len()).unwrap();
+        let first = self.reserve_descs(n);
+        for (k, d) in descs.iter().enumerate() {
+            let mut d = *d;
+            if d.flags & F_NEXT != 0 {
+                d.next = first.wrapping_add(d.next);
+            }
+            self.write_desc(first + k as u16, d);
+        }
+        self.post_head(first);
+        first
+    }
+
+    /// Makes descriptor `head` (which need not exist) the next available chain.
+    pub fn post_head(&mut self, head: u16) {
         let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
         self.mem.write_obj(head, slot).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem
             .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
             .unwrap();
-        (head, resp_addr)
+    }
+
+    /// `len` bytes of guest memory at `addr`.
+    pub fn read_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
     }
 
     /// [`Driver::post_chain`], returning only the response address.
