@@ -25,6 +25,9 @@ pub struct BootArgs {
     /// DRM driver the guest loads for the device.
     #[arg(long, value_enum, default_value_t = Driver::VirtioGpu)]
     pub driver: Driver,
+    /// The vhost-user backend behind the guest's GPU.
+    #[arg(long, value_enum, default_value_t = Backend::Fencelab)]
+    pub backend: Backend,
     /// Fences the workload submits [default: 2000; unload-live: 10000].
     #[arg(long)]
     pub fences: Option<u32>,
@@ -96,6 +99,30 @@ impl Driver {
     }
 }
 
+/// The vhost-user virtio-gpu backend a boot runs against.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Backend {
+    /// fencelab-device, with its fault plans, trace and accounting.
+    #[value(name = "fencelab")]
+    #[serde(rename = "fencelab-device")]
+    Fencelab,
+    /// rust-vmm's vhost-device-gpu 0.2.0 in null mode, for comparison: no
+    /// faults, no trace, no accounting (installed into the cache on first use).
+    #[value(name = "vhost-device-gpu")]
+    #[serde(rename = "vhost-device-gpu")]
+    VhostDeviceGpu,
+}
+
+impl Backend {
+    /// The process name in logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fencelab => "fencelab-device",
+            Backend::VhostDeviceGpu => crate::peer::CRATE,
+        }
+    }
+}
+
 impl Default for BootArgs {
     fn default() -> Self {
         #[derive(Parser)]
@@ -145,6 +172,9 @@ impl BootArgs {
         if self.driver == Driver::Fencelab {
             words.push("--driver fencelab".to_owned());
         }
+        if self.backend == Backend::VhostDeviceGpu {
+            words.push("--backend vhost-device-gpu".to_owned());
+        }
         match &self.plan {
             Some(plan) => words.push(format!("--plan {}", shown_path(plan))),
             None => words.push(format!("--latency {}", self.latency)),
@@ -162,6 +192,30 @@ impl BootArgs {
         );
         words.extend(self.hammer_args.iter().map(|a| format!("--hammer-arg={a}")));
         words.join(" ")
+    }
+
+    /// Refuses what the peer backend cannot do, before anything is built.
+    fn check_backend(&self) -> Result<()> {
+        if self.backend == Backend::Fencelab {
+            return Ok(());
+        }
+        let asked: Vec<&str> = [
+            (self.plan.is_some(), "--plan"),
+            (self.latency != "0", "--latency"),
+            (self.seed.is_some(), "--seed"),
+            (self.kill_device_mid_run, "--kill-device-mid-run"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if !asked.is_empty() {
+            bail!(
+                "--backend {}: it injects no faults and cannot take {}; use --backend fencelab",
+                self.backend.name(),
+                asked.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Refuses a plan file that is not there, before anything is built.
@@ -224,6 +278,7 @@ fn device_log_tail(path: &Path) -> String {
 pub fn execute(args: &BootArgs) -> Result<Summary> {
     let started = Instant::now();
     let args = &args.with_workload_defaults();
+    args.check_backend()?;
     args.check_plan()?;
     // Refused before anything is built.
     if let Some(name) = &args.inject_bug {
@@ -252,8 +307,13 @@ pub fn execute(args: &BootArgs) -> Result<Summary> {
     if args.accel == Accel::Kvm {
         probe_kvm(&kernel.bzimage, &initramfs)?;
     }
-    step("building fencelab-device");
-    let device_bin = build_device()?;
+    let device_bin = match args.backend {
+        Backend::Fencelab => {
+            step("building fencelab-device");
+            build_device()?
+        }
+        Backend::VhostDeviceGpu => crate::peer::ensure_installed()?,
+    };
     let prepared = Prepared {
         kernel,
         initramfs,
@@ -314,8 +374,11 @@ fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt<Box<Summary>
         trace: &trace,
         log: &device_log,
     };
-    let mut device = start_device(&device_spec)?;
-    wait_for_socket(&socket, &mut device, &device_log)?;
+    let mut device = match args.backend {
+        Backend::Fencelab => start_device(&device_spec)?,
+        Backend::VhostDeviceGpu => start_peer(&device_spec)?,
+    };
+    wait_for_socket(args.backend, &socket, &mut device, &device_log)?;
 
     let mut cmdline_extra = vec![format!("fencelab.workload={}", args.workload)];
     cmdline_extra.push(format!("fencelab.driver={}", args.driver.module()));
@@ -338,7 +401,7 @@ fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt<Box<Summary>
     let mut failures = Vec::new();
     let companion = Companion {
         process: &mut device,
-        name: "fencelab-device",
+        name: args.backend.name(),
         log: &device_log,
         last_words: device_log_tail,
         kill_when_workload_starts: args.kill_device_mid_run,
@@ -364,12 +427,14 @@ fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt<Box<Summary>
             last_line,
         }));
     }
-    let device_status = match device.wait_for(Duration::from_secs(10))? {
-        Some(status) => status,
-        None => {
+    let device_status = match (device.wait_for(Duration::from_secs(10))?, args.backend) {
+        (Some(status), _) => status,
+        (None, Backend::Fencelab) => {
             failures.push("fencelab-device did not exit after QEMU disconnected".into());
             device.stop(Duration::from_secs(3))?
         }
+        // It serves the next frontend after a disconnect.
+        (None, Backend::VhostDeviceGpu) => device.stop(Duration::from_secs(3))?,
     };
     let report = console::parse(&outcome.console);
     let device_summary = DeviceSummary::from_log(&device_log);
@@ -390,16 +455,20 @@ fn run_once(args: &BootArgs, prepared: &Prepared) -> Result<Attempt<Box<Summary>
         &mut failures,
     );
     let mut findings = Vec::new();
-    judge_device(
-        &device_summary,
-        guest.as_ref(),
-        device_status.success(),
-        &mut failures,
-        &mut findings,
-    );
+    if args.backend == Backend::Fencelab {
+        judge_device(
+            &device_summary,
+            guest.as_ref(),
+            device_status.success(),
+            &mut failures,
+            &mut findings,
+        );
+    }
 
     let run = RunInfo {
+        boot_to_workload_ms: outcome.marks.workload_started.map(|d| d.as_millis() as u64),
         boot_to_result_ms: outcome.marks.result_after.map(|d| d.as_millis() as u64),
+        backend_usage: device.usage(),
         prepare_secs: *prepare_secs,
         qemu_exit: outcome.status.code(),
         run_dir,
@@ -697,6 +766,37 @@ impl DeviceSpec<'_> {
     }
 }
 
+/// Starts rust-vmm's vhost-device-gpu on the spec's socket (its faults,
+/// seed, trace and control socket do not apply: `check_backend` refused them).
+fn start_peer(spec: &DeviceSpec<'_>) -> Result<Supervised> {
+    step(format!(
+        "starting {} {} (null mode), log {}",
+        crate::peer::CRATE,
+        crate::peer::VERSION,
+        spec.log.display()
+    ));
+    let mut command = Command::new(spec.binary);
+    command
+        .args(crate::peer::args(spec.socket))
+        .env("RUST_LOG", "info");
+    log_to(&mut command, spec.log)?;
+    Supervised::spawn(crate::peer::CRATE, command)
+}
+
+/// Both output streams of `command` into `log`, stdin closed.
+fn log_to(command: &mut Command, log: &Path) -> Result<()> {
+    command
+        .stdin(Stdio::null())
+        .stdout(File::create(log).with_context(|| format!("creating {}", log.display()))?)
+        .stderr(
+            File::options()
+                .append(true)
+                .open(log)
+                .with_context(|| format!("opening {}", log.display()))?,
+        );
+    Ok(())
+}
+
 fn start_device(spec: &DeviceSpec<'_>) -> Result<Supervised> {
     step(format!(
         "starting fencelab-device ({}), log {}",
@@ -706,22 +806,23 @@ fn start_device(spec: &DeviceSpec<'_>) -> Result<Supervised> {
         },
         spec.log.display()
     ));
-    let log = spec.log;
     let mut command = Command::new(spec.binary);
-    command
-        .args(spec.args())
-        .env(
-            "RUST_LOG",
-            std::env::var("FENCELAB_DEVICE_LOG")
-                .unwrap_or_else(|_| "info,fencelab_device=debug".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(File::create(log).with_context(|| format!("creating {}", log.display()))?)
-        .stderr(File::options().append(true).open(log)?);
+    command.args(spec.args()).env(
+        "RUST_LOG",
+        std::env::var("FENCELAB_DEVICE_LOG")
+            .unwrap_or_else(|_| "info,fencelab_device=debug".into()),
+    );
+    log_to(&mut command, spec.log)?;
     Supervised::spawn("fencelab-device", command)
 }
 
-fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result<()> {
+fn wait_for_socket(
+    backend: Backend,
+    socket: &Path,
+    device: &mut Supervised,
+    log: &Path,
+) -> Result<()> {
+    let name = backend.name();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if socket.exists() {
@@ -729,14 +830,14 @@ fn wait_for_socket(socket: &Path, device: &mut Supervised, log: &Path) -> Result
         }
         if let Some(status) = device.try_status()? {
             bail!(
-                "fencelab-device exited before listening ({status}):\n{}",
+                "{name} exited before listening ({status}):\n{}",
                 device_log_tail(log)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!(
-        "fencelab-device did not create {} within 10 s:\n{}",
+        "{name} did not create {} within 10 s:\n{}",
         socket.display(),
         device_log_tail(log)
     )
@@ -815,6 +916,28 @@ mod tests {
             ..args
         };
         assert!(args.reproduce(None).ends_with("--latency 2ms --seed 5"));
+    }
+
+    #[test]
+    fn the_peer_backend_refuses_what_only_fencelab_device_can_do() {
+        let peer = ["--backend", "vhost-device-gpu"];
+        let plain = parse(&peer).unwrap();
+        assert_eq!(plain.backend.name(), "vhost-device-gpu");
+        plain.check_backend().expect("a plain run is fine");
+        assert!(
+            plain
+                .reproduce(None)
+                .contains(" --backend vhost-device-gpu ")
+        );
+        let faulty = parse(&[&peer[..], &["--latency", "1ms", "--seed", "3"]].concat()).unwrap();
+        let err = format!("{:#}", faulty.check_backend().unwrap_err());
+        assert_eq!(
+            err,
+            "--backend vhost-device-gpu: it injects no faults and cannot take --latency, --seed; use --backend fencelab"
+        );
+        let ours = parse(&["--latency", "1ms"]).unwrap();
+        assert_eq!(ours.backend, Backend::Fencelab);
+        ours.check_backend().unwrap();
     }
 
     #[test]

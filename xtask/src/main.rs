@@ -18,6 +18,7 @@ mod kunit;
 mod latency;
 mod latency_plot;
 mod paths;
+mod peer;
 mod qemu;
 mod report;
 mod run_report;

@@ -1,11 +1,12 @@
 //! The run summary: what the guest, the kernel and the device said, as a
 //! table for people and one JSON object for machines.
 
-use crate::boot::BootArgs;
+use crate::boot::{Backend, BootArgs};
 use crate::console::{ConsoleReport, Splat};
 use crate::kernel::Kernel;
 use crate::latency::TimelineLatency;
 use crate::qemu::Accel;
+use crate::supervise::ResourceUsage;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,12 @@ pub struct Summary {
     pub unload: Option<UnloadReport>,
     pub splats: Vec<String>,
     pub splat_details: Vec<Splat>,
+    /// The vhost-user backend behind the guest's GPU.
+    pub backend: Backend,
+    /// The backend's CPU time and peak memory over the whole run.
+    pub backend_usage: Option<ResourceUsage>,
+    /// QEMU start to the workload's first fence.
+    pub boot_to_workload_ms: Option<u64>,
     pub boot_to_result_ms: Option<u64>,
     pub prepare_secs: f64,
     pub kernel: KernelInfo,
@@ -167,7 +174,9 @@ pub struct EarlyBootStall {
 
 #[derive(Debug)]
 pub struct RunInfo {
+    pub boot_to_workload_ms: Option<u64>,
     pub boot_to_result_ms: Option<u64>,
+    pub backend_usage: Option<ResourceUsage>,
     pub prepare_secs: f64,
     pub qemu_exit: Option<i32>,
     pub run_dir: PathBuf,
@@ -204,6 +213,9 @@ impl Summary {
             unload: guest_ref.and_then(|g| g.unload.clone()),
             splats: console.splats.iter().map(Splat::summary).collect(),
             splat_details: console.splats,
+            backend: args.backend,
+            backend_usage: run.backend_usage,
+            boot_to_workload_ms: run.boot_to_workload_ms,
             boot_to_result_ms: run.boot_to_result_ms,
             prepare_secs: run.prepare_secs,
             kernel,
@@ -277,7 +289,14 @@ pub fn table(summary: &Summary) -> String {
                 )
             },
         ),
-        ("device fences", device_fences(summary.device.as_ref())),
+        ("backend", backend_cost(summary)),
+        (
+            "device fences",
+            match summary.backend {
+                Backend::Fencelab => device_fences(summary.device.as_ref()),
+                peer => format!("not counted by {}", peer.name()),
+            },
+        ),
         (
             "findings",
             if summary.findings.is_empty() {
@@ -322,6 +341,12 @@ pub fn table(summary: &Summary) -> String {
         (
             "faults",
             match (&summary.plan, &summary.latency) {
+                _ if summary.backend != Backend::Fencelab => {
+                    format!(
+                        "none ({} completes every fence at once)",
+                        summary.backend.name()
+                    )
+                }
                 (Some(plan), _) => format!("plan {}", plan.display()),
                 (None, Some(latency)) => format!("fixed latency {latency}"),
                 (None, None) => "-".into(),
@@ -435,6 +460,27 @@ pub fn splat_excerpt(splat: &Splat, max_lines: usize) -> String {
     out
 }
 
+/// The backend's name and what the run cost it: CPU time (in all and per
+/// 1000 signaled fences) and peak memory.
+fn backend_cost(summary: &Summary) -> String {
+    let name = summary.backend.name();
+    let Some(usage) = summary.backend_usage else {
+        return format!("{name} (cost not measured)");
+    };
+    let per_1000 = if summary.fences_signaled > 0 {
+        format!(
+            ", {:.1} ms per 1000 fences",
+            usage.cpu_ms * 1000.0 / summary.fences_signaled as f64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{name}: cpu {:.0} ms{per_1000}, peak RSS {} KiB",
+        usage.cpu_ms, usage.max_rss_kib
+    )
+}
+
 /// What the device says it did with the workload's fences (`SUBMIT_3D`)
 /// and with all fenced commands.
 fn device_fences(device: Option<&DeviceSummary>) -> String {
@@ -503,6 +549,12 @@ pub mod tests {
             unload: None,
             splats: console.splats.iter().map(Splat::summary).collect(),
             splat_details: console.splats,
+            backend: Backend::Fencelab,
+            backend_usage: Some(ResourceUsage {
+                cpu_ms: 500.0,
+                max_rss_kib: 9000,
+            }),
+            boot_to_workload_ms: Some(30_000),
             boot_to_result_ms: Some(31_500),
             prepare_secs: 2.5,
             kernel: KernelInfo {
@@ -561,6 +613,12 @@ pub mod tests {
             "{table}"
         );
         assert!(table.contains("FAILURE: fences signaled 1999 of 2000"));
+        assert!(
+            table.contains(
+                "fencelab-device: cpu 500 ms, 250.1 ms per 1000 fences, peak RSS 9000 KiB"
+            ),
+            "{table}"
+        );
         assert!(table.contains(
             "  signature: kasan: KASAN: slab-use-after-free Read in __list_add_valid_or_report"
         ));

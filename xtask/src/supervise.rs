@@ -3,17 +3,40 @@
 //! xtask itself dies.
 
 use anyhow::{Context, Result};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A running child process, killed and reaped when dropped.
+///
+/// It is reaped with wait4(2), so that its CPU time and peak memory are
+/// known once it has exited ([`Supervised::usage`]).
 pub struct Supervised {
     name: &'static str,
     child: Child,
     status: Option<ExitStatus>,
+    usage: Option<ResourceUsage>,
+}
+
+/// What an exited child cost, from wait4(2)'s `rusage`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ResourceUsage {
+    /// User plus system CPU time, in milliseconds.
+    pub cpu_ms: f64,
+    /// Peak resident set size, in KiB.
+    pub max_rss_kib: u64,
+}
+
+impl ResourceUsage {
+    fn from_rusage(r: &libc::rusage) -> Self {
+        let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+        Self {
+            cpu_ms: ms(r.ru_utime) + ms(r.ru_stime),
+            max_rss_kib: u64::try_from(r.ru_maxrss).unwrap_or(0),
+        }
+    }
 }
 
 impl Supervised {
@@ -36,6 +59,7 @@ impl Supervised {
             name,
             child,
             status: None,
+            usage: None,
         })
     }
 
@@ -47,12 +71,40 @@ impl Supervised {
     /// The exit status if the child has exited, without blocking.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for {}", self.name))?;
+            self.reap(libc::WNOHANG)?;
         }
         Ok(self.status)
+    }
+
+    /// CPU time and peak memory of the child, once it has exited.
+    pub fn usage(&self) -> Option<ResourceUsage> {
+        self.usage
+    }
+
+    /// wait4(2) on the child with `options`; records status and usage when
+    /// it has exited.
+    fn reap(&mut self, options: libc::c_int) -> Result<()> {
+        let mut raw_status = 0;
+        // SAFETY: a zeroed rusage is a valid value of that plain C struct.
+        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = self.child.id() as libc::pid_t;
+        loop {
+            // SAFETY: wait4(2) on our own unreaped child, with pointers to
+            // locals that live across the call.
+            let got = unsafe { libc::wait4(pid, &mut raw_status, options, &mut rusage) };
+            if got == pid {
+                self.status = Some(ExitStatus::from_raw(raw_status));
+                self.usage = Some(ResourceUsage::from_rusage(&rusage));
+                return Ok(());
+            }
+            if got == 0 {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error).with_context(|| format!("waiting for {}", self.name));
+            }
+        }
     }
 
     /// Waits up to `grace` for the child to exit by itself.
@@ -89,20 +141,18 @@ impl Supervised {
         self.child
             .kill()
             .with_context(|| format!("killing {}", self.name))?;
-        let status = self
-            .child
-            .wait()
+        self.reap(0)
             .with_context(|| format!("reaping {}", self.name))?;
-        self.status = Some(status);
-        Ok(status)
+        self.status
+            .with_context(|| format!("{} was not reaped", self.name))
     }
 }
 
 impl Drop for Supervised {
     fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+        if matches!(self.try_status(), Ok(None)) {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = self.reap(0);
         }
     }
 }
@@ -122,4 +172,37 @@ pub fn interrupted() -> &'static Arc<AtomicBool> {
 
 pub fn was_interrupted() -> bool {
     interrupted().load(Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_child_reports_its_status_cpu_time_and_peak_memory() {
+        let mut busy = Command::new("sh");
+        busy.args([
+            "-c",
+            "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; exit 3",
+        ]);
+        let mut child = Supervised::spawn("busy", busy).unwrap();
+        assert_eq!(child.usage(), None, "no usage before the exit");
+        let status = child.wait_for(Duration::from_secs(60)).unwrap().unwrap();
+        assert_eq!(status.code(), Some(3));
+        let usage = child.usage().expect("usage after the exit");
+        assert!(usage.cpu_ms > 1.0, "a busy loop costs CPU: {usage:?}");
+        assert!(usage.max_rss_kib > 100, "{usage:?}");
+    }
+
+    #[test]
+    fn a_stopped_child_is_reaped_with_its_usage() {
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        let mut child = Supervised::spawn("sleeper", sleeper).unwrap();
+        let status = child.stop(Duration::from_secs(5)).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        assert!(child.usage().is_some());
+        // Asking again gives the same answer, not ECHILD.
+        assert_eq!(child.try_status().unwrap(), Some(status));
+    }
 }
