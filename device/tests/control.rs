@@ -16,7 +16,11 @@ use common::process::{BINARY, Scratch, ctl};
 use fencelab_device::control::protocol::MAX_LINE_BYTES;
 use fencelab_device::control::server::MAX_CONNECTIONS;
 use fencelab_device::control::{Client, ClientError, ControlServer, PlanSource, Request, Response};
-use fencelab_device::fault::{Accounting, DeviceControl, PlanView, ReleaseTarget, TimelineId};
+use fencelab_device::decide::PlanDecider;
+use fencelab_device::fault::{
+    Accounting, DeviceControl, PlanView, ReleaseTarget, TimelineId, TraceEvent,
+};
+use fencelab_device::plan::Plan;
 use serde_json::{Value, json};
 
 /// A call the fake device received.
@@ -629,4 +633,233 @@ fn ctl_release_needs_exactly_one_target() {
     let all = ctl(run.server.path(), &["release", "--all"]);
     assert_eq!(stdout_json(&all)["released"], 5);
     assert_eq!(run.device.calls(), [Call::Release(ReleaseTarget::All)]);
+}
+
+/// The first fenced `SUBMIT_3D` of every timeline hangs until released.
+const HELD_PLAN: &str = r#"
+[default]
+latency = "0ms"
+
+[[rule]]
+name = "held"
+match = { command = "SUBMIT_3D", index = { from = 0, to = 0 } }
+hang = "until_released"
+"#;
+
+/// The real device behind a vhost-user frontend, with one fence (id 5)
+/// hung until released, and its control server.
+fn held_device(name: &str) -> (common::Rig, ControlServer, Scratch) {
+    let scratch = Scratch::new(name);
+    let plan = Plan::parse(HELD_PLAN, "held.toml").unwrap();
+    let mut rig = common::Rig::start(name, PlanDecider::new(plan, 3), false);
+    let server = ControlServer::start(&scratch.path("ctl"), rig.gpu.clone()).unwrap();
+    rig.post_fenced(1, None, 5, &[]);
+    rig.kick();
+    rig.wait_until("fence 5 is hung", || rig.stats.accounting().hung == 1);
+    (rig, server, scratch)
+}
+
+#[test]
+fn the_real_device_refuses_what_does_not_exist_and_keeps_its_plan() {
+    let (mut rig, server, scratch) = held_device("ctl-real");
+    let mut raw = Raw::connect(server.path());
+    let plan_before = raw.ask(br#"{"cmd":"plan"}"#);
+    assert_eq!(plan_before["ok"], true);
+    let broken_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/broken/hang-mode.toml");
+    let nul_path = format!("{}/x\\u0000y.toml", scratch.dir().display());
+    let refused: Vec<(String, &str)> = vec![
+        (
+            r#"{"cmd":"release","target":"fence","fence":6}"#.into(),
+            "fence 6 is not outstanding (never seen, or completed)",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"release","target":"fence","fence":{}}}"#,
+                u64::MAX
+            ),
+            "is not outstanding",
+        ),
+        (
+            r#"{"cmd":"release","target":"timeline","timeline":"1.256"}"#.into(),
+            "bad timeline",
+        ),
+        (
+            r#"{"cmd":"release","target":"timeline","timeline":"4294967296"}"#.into(),
+            "bad timeline",
+        ),
+        (
+            r#"{"cmd":"load_plan","toml":"[default\nlatency = \"1ms\"\n"}"#.into(),
+            "<load_plan toml>:1:",
+        ),
+        (
+            r#"{"cmd":"load_plan","toml":"seed = 1\u0000\n"}"#.into(),
+            "<load_plan toml>:1:",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"load_plan","path":"{}"}}"#,
+                broken_file.display()
+            ),
+            r#"hang: "sometimes" is not one of"#,
+        ),
+        (
+            format!(r#"{{"cmd":"load_plan","path":"{nul_path}"}}"#),
+            "cannot read plan file",
+        ),
+        (
+            r#"{"cmd":"patch_plan","patch":{"default":{"latency":"soon"}}}"#.into(),
+            "soon",
+        ),
+        (
+            r#"{"cmd":"patch_plan","patch":{"rule":[{"name":"x","hang":"sometimes"}]}}"#.into(),
+            r#""sometimes" is not one of"#,
+        ),
+    ];
+    for (line, expected) in &refused {
+        let reply = raw.ask(line.as_bytes());
+        let message = error_of(&reply);
+        assert!(message.contains(expected), "{line}: {message}");
+        // Nothing changed: the same plan, the fence still hung, nothing
+        // returned to the guest.
+        assert_eq!(raw.ask(br#"{"cmd":"plan"}"#), plan_before, "{line}");
+        assert_eq!(rig.stats.accounting().hung, 1, "{line}");
+        assert_eq!(rig.unseen_used(), 0, "{line}");
+    }
+    // No plan change reached the trace.
+    assert!(
+        !rig.trace
+            .events()
+            .iter()
+            .any(|e| matches!(e, TraceEvent::PlanLoaded { .. })),
+    );
+    // A timeline the device never saw has nothing to release (documented:
+    // not an error), and releasing it releases nothing.
+    assert_eq!(
+        raw.ask(br#"{"cmd":"release","target":"timeline","timeline":"77.3"}"#),
+        json!({"ok": true, "released": 0})
+    );
+    assert_eq!(rig.stats.accounting().hung, 1);
+    // The fence that does exist is released and comes back.
+    assert_eq!(
+        raw.ask(br#"{"cmd":"release","target":"fence","fence":5}"#),
+        json!({"ok": true, "released": 1})
+    );
+    assert_eq!(rig.wait_fences(1), [5]);
+    server.stop();
+    rig.finish();
+}
+
+#[test]
+fn nul_bytes_are_refused_wherever_they_are() {
+    let run = start("nul");
+    let mut raw = Raw::connect(run.server.path());
+    let bad: &[(&[u8], &str)] = &[
+        (b"\0", "not valid JSON"),
+        (b"\0{\"cmd\":\"pause\"}", "not valid JSON"),
+        (b"{\"cmd\":\"pause\"}\0", "not valid JSON"),
+        (b"{\"cmd\":\"pa\0use\"}", "not valid JSON"),
+        (b"{\"cmd\":\"pause\\u0000\"}", "unknown cmd"),
+        (b"{\"cmd\":\"pause\",\"\\u0000\":1}", "unknown field"),
+    ];
+    for (line, expected) in bad {
+        let message = error_of(&raw.ask(line)).to_string();
+        assert!(message.contains(expected), "{line:?}: {message}");
+    }
+    // The connection is still in step: the next reply is this request's.
+    assert_eq!(raw.ask(b"{\"cmd\":\"pause\"}")["paused"], true);
+    assert_eq!(run.device.calls(), [Call::SetPaused(true)]);
+}
+
+#[test]
+fn ten_mib_without_a_newline_is_cut_off_at_the_limit_while_others_are_served() {
+    let run = start("flood");
+    let mut raw = Raw::connect(run.server.path());
+    let flood = vec![b'{'; 10 << 20];
+    let writer = raw.writer.try_clone().unwrap();
+    // The server stops reading at the limit: the rest may never be taken.
+    let sender = std::thread::spawn(move || (&writer).write_all(&flood).is_ok());
+    // Another client is served meanwhile.
+    let mut other = Client::connect(run.server.path()).unwrap();
+    assert!(other.call(&Request::Stats).unwrap().is_ok());
+    let reply = raw.reply().expect("an error reply");
+    assert!(
+        error_of(&reply).contains(&format!("longer than {MAX_LINE_BYTES} bytes")),
+        "{reply}"
+    );
+    // Closed with the flood unread, so the end may come as a reset.
+    let mut rest = String::new();
+    match raw.reader.read_line(&mut rest) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection is still open: {other:?} {rest:?}"),
+    }
+    assert!(
+        !sender.join().unwrap(),
+        "the server took all 10 MiB instead of closing at the limit"
+    );
+    assert!(other.call(&Request::Plan).unwrap().is_ok());
+    assert_eq!(run.device.calls(), [Call::Stats, Call::Plan]);
+}
+
+#[test]
+fn a_client_stalled_mid_request_holds_up_no_one() {
+    let run = start("stalled");
+    let mut stalled = Raw::connect(run.server.path());
+    stalled.send(b"{\"cmd\":\"release\",\"target\":\"fe");
+    let mut client = Client::connect(run.server.path()).unwrap();
+    for fence in 100..120 {
+        let request = Request::Release(ReleaseTarget::Fence { fence });
+        assert_eq!(
+            client.call(&request).unwrap(),
+            Response::ok_with("released", 1.into())
+        );
+    }
+    // Its half line was kept apart from the other connection's requests:
+    // finished, it is carried out as written.
+    stalled.send(b"nce\",\"fence\":77}\n");
+    assert_eq!(stalled.reply().unwrap()["released"], 1);
+    let calls = run.device.calls();
+    assert_eq!(calls.len(), 21);
+    assert_eq!(
+        calls.last(),
+        Some(&Call::Release(ReleaseTarget::Fence { fence: 77 }))
+    );
+}
+
+#[test]
+fn the_control_socket_is_0600_even_under_umask_000() {
+    use std::os::unix::process::CommandExt as _;
+    let scratch = Scratch::new("umask");
+    let control = scratch.path("gpu.sock.ctl");
+    let mut command = Command::new(BINARY);
+    command
+        .arg("--socket")
+        .arg(scratch.path("gpu.sock"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: umask(2) is async-signal-safe and cannot fail.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !control.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the device exited");
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let meta = std::fs::symlink_metadata(&control).unwrap();
+    let vhost_mode = std::fs::symlink_metadata(scratch.path("gpu.sock"))
+        .map(|m| format!("{:o}", m.mode() & 0o777))
+        .unwrap_or_else(|e| e.to_string());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "mode {:o}", meta.mode());
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    eprintln!("under umask 000: vhost-user socket mode {vhost_mode}");
 }
