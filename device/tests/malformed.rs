@@ -321,6 +321,26 @@ fn a_head_index_past_the_table_is_skipped() {
 }
 
 #[test]
+fn an_avail_index_past_the_queue_size_is_refused_until_put_right() {
+    let mut rig = rig("avail");
+    // Claims 300 new chains in a 256-entry ring: more than the ring can
+    // hold, so the device walks none of it (and does not crash).
+    let resp = rig.post_fenced(1, None, 110, &[]);
+    rig.drv
+        .publish_avail_idx(rig.drv.avail_idx().wrapping_add(299));
+    rig.kick();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(rig.unseen_used(), 0);
+    // The guest puts the index right: the chain it did post is served.
+    rig.drv.republish_avail_idx();
+    rig.kick();
+    assert_eq!(rig.wait_fences(1), [110]);
+    assert_eq!(rig.drv.resp_hdr(resp).type_, RESP_OK_NODATA);
+    still_serving(&mut rig, 111);
+    rig.finish();
+}
+
+#[test]
 fn huge_lengths() {
     let mut rig = rig("huge");
     let req = rig.drv.place(hdr(CMD_GET_DISPLAY_INFO).as_slice());
@@ -754,4 +774,54 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/self/status")
+}
+
+#[test]
+fn the_cursor_queue_answers_nothing_and_writes_nothing() {
+    use vhost::vhost_user::VhostUserFrontend as _;
+    use vmm_sys_util::eventfd::EventFd;
+    let mut rig = rig("cursor");
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    configure_queue(&mut rig.fe, &rig.drv.mem, 1, CURSOR_RINGS, &kick, &call);
+    rig.fe.set_vring_enable(1, true).unwrap();
+    let mut cursor = Driver::with_rings(rig.drv.mem.clone(), CURSOR_RINGS);
+    let update = bytes(&[
+        hdr(CMD_UPDATE_CURSOR).as_slice(),
+        UpdateCursor::default().as_slice(),
+    ]);
+    let valid = cursor.place(&update);
+    let unknown = cursor.place(hdr(0x4242).as_slice());
+    let short = cursor.place(&update[..30]);
+    let writable = cursor.buffer(64, UNTOUCHED);
+    let chains: Vec<(&str, Vec<RawDesc>)> = vec![
+        ("valid", vec![RawDesc::readable(valid, 56)]),
+        ("unknown type", vec![RawDesc::readable(unknown, 24)]),
+        ("short body", vec![RawDesc::readable(short, 30)]),
+        ("loop", vec![RawDesc::readable(valid, 56).then(0)]),
+        ("outside memory", vec![RawDesc::readable(0x1_0000_0000, 56)]),
+        (
+            "with a writable descriptor",
+            vec![
+                RawDesc::readable(valid, 56).then(1),
+                RawDesc::writable(writable, 64),
+            ],
+        ),
+        (
+            "request in a writable descriptor",
+            vec![RawDesc::writable(writable, 64)],
+        ),
+    ];
+    for (k, (what, descs)) in chains.iter().enumerate() {
+        let head = cursor.post_descs(descs);
+        kick.write(1).unwrap();
+        cursor.wait_used(k as u16 + 1);
+        assert_eq!(cursor.used(k as u16), (u32::from(head), 0), "{what}");
+    }
+    // Cursor commands have no response: nothing was written.
+    assert_eq!(cursor.read_bytes(writable, 64), [UNTOUCHED; 64]);
+    assert_eq!(rig.stats.count("UPDATE_CURSOR"), 2);
+    assert_eq!(rig.stats.count("UNKNOWN"), 1);
+    assert_eq!(rig.stats.count("MALFORMED"), 4);
+    still_serving(&mut rig, 112);
+    rig.finish();
 }

@@ -100,21 +100,60 @@ impl RawDesc {
     }
 }
 
+/// Where one split virtqueue lives in test memory, and where its driver
+/// allocates buffers (up to [`Rings::data_end`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Rings {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub data: u64,
+    pub data_end: u64,
+}
+
+/// The control queue's rings ([`Driver::new`]): buffers from [`DATA`] to
+/// the end of memory.
+pub const CONTROL_RINGS: Rings = Rings {
+    desc: DESC,
+    avail: AVAIL,
+    used: USED,
+    data: DATA,
+    data_end: GPA + MEM_SIZE as u64,
+};
+
+/// Rings for the cursor queue, clear of [`CONTROL_RINGS`]' tables and of
+/// the scratch area; its buffers take the last 512 KiB of memory, which a
+/// control-queue driver sharing the memory must then leave alone.
+pub const CURSOR_RINGS: Rings = Rings {
+    desc: GPA + 0x4000,
+    avail: GPA + 0x5000,
+    used: GPA + 0x6000,
+    data: GPA + MEM_SIZE as u64 - 0x8_0000,
+    data_end: GPA + MEM_SIZE as u64,
+};
+
 /// The driver side of one split virtqueue in test memory.
 pub struct Driver {
     pub mem: GuestMemoryMmap,
     next_desc: u16,
     avail_idx: u16,
     data: u64,
+    rings: Rings,
 }
 
 impl Driver {
     pub fn new(mem: GuestMemoryMmap) -> Self {
+        Self::with_rings(mem, CONTROL_RINGS)
+    }
+
+    /// A driver for a queue whose rings are at `rings`.
+    pub fn with_rings(mem: GuestMemoryMmap, rings: Rings) -> Self {
         Driver {
             mem,
             next_desc: 0,
             avail_idx: 0,
-            data: DATA,
+            data: rings.data,
+            rings,
         }
     }
 
@@ -122,7 +161,7 @@ impl Driver {
         let at = self.data;
         self.data += (len as u64 + 15) & !15;
         assert!(
-            self.data < GPA + MEM_SIZE as u64,
+            self.data <= self.rings.data_end,
             "test driver out of memory"
         );
         at
@@ -131,7 +170,7 @@ impl Driver {
     fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
         let i = self.next_desc;
         self.next_desc = (self.next_desc + 1) % QSIZE;
-        let at = GuestAddress(DESC + u64::from(i) * 16);
+        let at = GuestAddress(self.rings.desc + u64::from(i) * 16);
         let next = (i + 1) % QSIZE;
         self.write_raw_desc(
             at,
@@ -195,7 +234,7 @@ impl Driver {
 
     /// Writes descriptor `i` of the table exactly as given.
     pub fn write_desc(&self, i: u16, d: RawDesc) {
-        let at = GuestAddress(DESC + u64::from(i) * 16);
+        let at = GuestAddress(self.rings.desc + u64::from(i) * 16);
         self.write_raw_desc(at, d);
     }
 
@@ -235,12 +274,28 @@ impl Driver {
 
     /// Makes descriptor `head` (which need not exist) the next available chain.
     pub fn post_head(&mut self, head: u16) {
-        let slot = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
+        let slot = GuestAddress(self.rings.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2);
         self.mem.write_obj(head, slot).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.republish_avail_idx();
+    }
+
+    /// Writes `idx` as the avail ring's index, leaving the driver's own
+    /// count alone ([`Driver::republish_avail_idx`] puts it back).
+    pub fn publish_avail_idx(&self, idx: u16) {
         self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .write_obj(idx, GuestAddress(self.rings.avail + 2))
             .unwrap();
+    }
+
+    /// Writes the driver's own count as the avail ring's index again.
+    pub fn republish_avail_idx(&self) {
+        self.publish_avail_idx(self.avail_idx);
+    }
+
+    /// The driver's count of chains made available.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
     }
 
     /// `len` bytes of guest memory at `addr`.
@@ -258,17 +313,22 @@ impl Driver {
     /// EVENT_IDX: the used index after which the driver wants a notify.
     pub fn set_used_event(&self, idx: u16) {
         self.mem
-            .write_obj(idx, GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)))
+            .write_obj(
+                idx,
+                GuestAddress(self.rings.avail + 4 + 2 * u64::from(QSIZE)),
+            )
             .unwrap();
     }
 
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(self.rings.used + 2))
+            .unwrap()
     }
 
     /// (descriptor id, written length) of used entry `i`.
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let at = GuestAddress(USED + 4 + u64::from(i % QSIZE) * 8);
+        let at = GuestAddress(self.rings.used + 4 + u64::from(i % QSIZE) * 8);
         (
             self.mem.read_obj(at).unwrap(),
             self.mem.read_obj(at.unchecked_add(4)).unwrap(),
@@ -471,24 +531,36 @@ pub fn share_memory(fe: &mut Frontend) -> GuestMemoryMmap {
 /// and call eventfds) without enabling it, so a test can post before the
 /// ring is enabled.
 pub fn configure_vring(fe: &mut Frontend, mem: &GuestMemoryMmap, kick: &EventFd, call: &EventFd) {
+    configure_queue(fe, mem, 0, CONTROL_RINGS, kick, call);
+}
+
+/// [`configure_vring`] for queue `queue` with its rings at `rings`.
+pub fn configure_queue(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    queue: usize,
+    rings: Rings,
+    kick: &EventFd,
+    call: &EventFd,
+) {
     let host = mem.get_host_address(GuestAddress(GPA)).unwrap() as u64;
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_num(queue, QSIZE).unwrap();
+    fe.set_vring_base(queue, 0).unwrap();
     fe.set_vring_addr(
-        0,
+        queue,
         &VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
             flags: 0,
-            desc_table_addr: host + (DESC - GPA),
-            used_ring_addr: host + (USED - GPA),
-            avail_ring_addr: host + (AVAIL - GPA),
+            desc_table_addr: host + (rings.desc - GPA),
+            used_ring_addr: host + (rings.used - GPA),
+            avail_ring_addr: host + (rings.avail - GPA),
             log_addr: None,
         },
     )
     .unwrap();
-    fe.set_vring_kick(0, kick).unwrap();
-    fe.set_vring_call(0, call).unwrap();
+    fe.set_vring_kick(queue, kick).unwrap();
+    fe.set_vring_call(queue, call).unwrap();
 }
 
 /// A running backend with one connected frontend and its control queue
