@@ -268,7 +268,7 @@ fn step(message: impl AsRef<str>) {
 
 /// The last `n` lines of the device log above debug level: what it said
 /// about its own state, without the per-fence chatter.
-fn device_log_tail(path: &Path) -> String {
+pub(crate) fn device_log_tail(path: &Path) -> String {
     crate::cmd::tail_matching(path, 5, |l| {
         !l.contains(" DEBUG ") && !l.contains(" TRACE ")
     })
@@ -676,7 +676,7 @@ fn judge_device(
     findings.extend(verdict.findings);
 }
 
-fn build_device() -> Result<PathBuf> {
+pub(crate) fn build_device() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--package", "fencelab-device"])
@@ -687,10 +687,7 @@ fn build_device() -> Result<PathBuf> {
     if !status.success() {
         bail!("cargo build --release --package fencelab-device failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| paths::workspace_root().join("target"));
-    Ok(target.join("release").join("fencelab-device"))
+    Ok(paths::target_dir().join("release").join("fencelab-device"))
 }
 
 /// Where this process puts the backend's socket; QEMU's and the backend's
@@ -701,10 +698,10 @@ pub fn socket_dir_path() -> PathBuf {
 
 /// A private, short socket folder (unix socket paths are limited to 108
 /// bytes, and a clone may live deep in the file system), removed on drop.
-struct SocketDir(PathBuf);
+pub(crate) struct SocketDir(PathBuf);
 
 impl SocketDir {
-    fn create() -> Result<Self> {
+    pub(crate) fn create() -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = socket_dir_path();
         let _ = fs::remove_dir_all(&dir);
@@ -715,7 +712,7 @@ impl SocketDir {
         Ok(Self(dir))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -727,7 +724,7 @@ impl Drop for SocketDir {
 }
 
 /// How fencelab-device decides when fences complete.
-enum Faults<'a> {
+pub(crate) enum Faults<'a> {
     /// Every fence after this fixed latency (`--latency`).
     Latency(&'a str),
     /// A fault plan (`--plan`).
@@ -735,14 +732,14 @@ enum Faults<'a> {
 }
 
 /// Everything fencelab-device is started with.
-struct DeviceSpec<'a> {
-    binary: &'a Path,
-    socket: &'a Path,
-    control_socket: &'a Path,
-    faults: Faults<'a>,
-    seed: Option<u64>,
-    trace: &'a Path,
-    log: &'a Path,
+pub(crate) struct DeviceSpec<'a> {
+    pub(crate) binary: &'a Path,
+    pub(crate) socket: &'a Path,
+    pub(crate) control_socket: &'a Path,
+    pub(crate) faults: Faults<'a>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) trace: &'a Path,
+    pub(crate) log: &'a Path,
 }
 
 impl DeviceSpec<'_> {
@@ -797,7 +794,7 @@ fn log_to(command: &mut Command, log: &Path) -> Result<()> {
     Ok(())
 }
 
-fn start_device(spec: &DeviceSpec<'_>) -> Result<Supervised> {
+pub(crate) fn start_device(spec: &DeviceSpec<'_>) -> Result<Supervised> {
     step(format!(
         "starting fencelab-device ({}), log {}",
         match spec.faults {

@@ -3,6 +3,7 @@
 //! Every step is plain Rust; external tools (apt, make, QEMU) are run as child
 //! processes with their output shown or logged, never through shell scripts.
 
+mod bench;
 mod boot;
 mod bugs;
 mod cmd;
@@ -17,9 +18,11 @@ mod ktap;
 mod kunit;
 mod latency;
 mod latency_plot;
+mod lifecycle;
 mod paths;
 mod peer;
 mod qemu;
+mod qmp;
 mod report;
 mod run_report;
 mod scenario;
@@ -55,6 +58,9 @@ enum Command {
     Scenario(scenario::ScenarioArgs),
     /// Loop scenarios with plans derived from a seed, for a set time (sharded, resumable).
     Soak(soak::SoakArgs),
+    /// Benchmarks: fence round trips against rust-vmm's vhost-device-gpu,
+    /// latency-injection accuracy, backend cost, boot time, criterion benches.
+    Bench(bench::BenchArgs),
     /// The test suite: unit tests, boots (smoke, plans, every scenario, injected bugs, soak), KUnit.
     Test(test::TestArgs),
 }
@@ -89,5 +95,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Scenario(args) => scenario::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -29,3 +29,10 @@ pub fn cache_dir() -> PathBuf {
 pub fn runs_dir() -> PathBuf {
     workspace_root().join("target").join("fencelab-runs")
 }
+
+/// Cargo's target folder: `$CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
