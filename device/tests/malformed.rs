@@ -444,83 +444,72 @@ fn resources_and_contexts_that_do_not_exist() {
         resource_id,
         ..TransferHost3d::default()
     };
-    let in_ctx = |type_, ctx_id| CtrlHdr {
-        ctx_id,
-        ..hdr(type_)
+    // A request of `type_` in context `ctx_id` with `body`.
+    let req = |type_, ctx_id, body: &[u8]| {
+        let h = CtrlHdr {
+            ctx_id,
+            ..hdr(type_)
+        };
+        bytes(&[h.as_slice(), body])
     };
+    let attach_body = bytes(&[attach.as_slice(), entry.as_slice()]);
+    // A SUBMIT_3D body (size, then the stream) writing resource 77.
+    let stream_77 = write_77();
+    let submit_77 = bytes(&[&submit(CtrlHdr::default(), &stream_77)[24..], &stream_77]);
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
             "ATTACH_BACKING to a missing resource",
-            bytes(&[
-                hdr(CMD_RESOURCE_ATTACH_BACKING).as_slice(),
-                attach.as_slice(),
-                entry.as_slice(),
-            ]),
+            req(CMD_RESOURCE_ATTACH_BACKING, 0, &attach_body),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
         (
             "TRANSFER_TO_HOST_2D of a missing resource",
-            bytes(&[hdr(CMD_TRANSFER_TO_HOST_2D).as_slice(), transfer.as_slice()]),
+            req(CMD_TRANSFER_TO_HOST_2D, 0, transfer.as_slice()),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
         (
             "TRANSFER_TO_HOST_3D of a missing resource",
-            bytes(&[
-                in_ctx(CMD_TRANSFER_TO_HOST_3D, 1).as_slice(),
-                t3(77).as_slice(),
-            ]),
+            req(CMD_TRANSFER_TO_HOST_3D, 1, t3(77).as_slice()),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
         (
             "TRANSFER_FROM_HOST_3D in a missing context",
-            bytes(&[
-                in_ctx(CMD_TRANSFER_FROM_HOST_3D, 66).as_slice(),
-                t3(1).as_slice(),
-            ]),
+            req(CMD_TRANSFER_FROM_HOST_3D, 66, t3(1).as_slice()),
             RESP_ERR_INVALID_CONTEXT_ID,
         ),
         (
             "CTX_ATTACH_RESOURCE of a missing resource",
-            bytes(&[
-                in_ctx(CMD_CTX_ATTACH_RESOURCE, 1).as_slice(),
-                rid(77).as_slice(),
-            ]),
+            req(CMD_CTX_ATTACH_RESOURCE, 1, rid(77).as_slice()),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
         (
             "CTX_ATTACH_RESOURCE to a missing context",
-            bytes(&[
-                in_ctx(CMD_CTX_ATTACH_RESOURCE, 66).as_slice(),
-                rid(1).as_slice(),
-            ]),
+            req(CMD_CTX_ATTACH_RESOURCE, 66, rid(1).as_slice()),
             RESP_ERR_INVALID_CONTEXT_ID,
         ),
         (
             "CTX_DETACH_RESOURCE from a missing context",
-            bytes(&[
-                in_ctx(CMD_CTX_DETACH_RESOURCE, 66).as_slice(),
-                rid(1).as_slice(),
-            ]),
+            req(CMD_CTX_DETACH_RESOURCE, 66, rid(1).as_slice()),
             RESP_ERR_INVALID_CONTEXT_ID,
         ),
         (
             "CTX_DESTROY of a missing context",
-            in_ctx(CMD_CTX_DESTROY, 66).as_slice().to_vec(),
+            req(CMD_CTX_DESTROY, 66, &[]),
             RESP_ERR_INVALID_CONTEXT_ID,
         ),
         (
             "RESOURCE_UNREF of a missing resource",
-            bytes(&[hdr(CMD_RESOURCE_UNREF).as_slice(), rid(77).as_slice()]),
+            req(CMD_RESOURCE_UNREF, 0, rid(77).as_slice()),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
         (
             "SUBMIT_3D to a missing context",
-            submit(in_ctx(CMD_SUBMIT_3D, 66), &[]),
+            req(CMD_SUBMIT_3D, 66, CmdSubmit::default().as_slice()),
             RESP_ERR_INVALID_CONTEXT_ID,
         ),
         (
             "SUBMIT_3D writing a missing resource",
-            bytes(&[&submit(in_ctx(CMD_SUBMIT_3D, 1), &write_77()), &write_77()]),
+            req(CMD_SUBMIT_3D, 1, &submit_77),
             RESP_ERR_INVALID_RESOURCE_ID,
         ),
     ];
