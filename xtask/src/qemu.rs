@@ -32,6 +32,22 @@ pub struct GuestSpec {
     pub cmdline_extra: Vec<String>,
 }
 
+/// QEMU options beyond the guest itself, for the lifecycle tests
+/// (`xtask/src/lifecycle.rs`); every other boot uses the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// Serve QMP on this unix socket (`system_reset`, `query-status`…).
+    pub qmp_socket: Option<PathBuf>,
+    /// The GPU chardev's `reconnect-ms` (QEMU 10's spelling of the older
+    /// `reconnect` seconds): reconnect to the backend socket this often
+    /// after losing it. QEMU 10.0.2's vhost-user-gpu-pci cannot start with
+    /// it (`lifecycle.rs` checks what happens).
+    pub gpu_reconnect_ms: Option<u32>,
+    /// Let a guest reset reboot the guest. Without it (`-no-reboot`, the
+    /// default) any reset, QMP's `system_reset` included, ends QEMU.
+    pub allow_reboot: bool,
+}
+
 impl GuestSpec {
     /// The kernel command line: serial console, no reboot on panic (QEMU
     /// exits instead, and we report it), plus the workload parameters.
@@ -52,6 +68,11 @@ impl GuestSpec {
 
     /// Arguments after the program name.
     pub fn args(&self) -> Vec<String> {
+        self.args_with(&Extras::default())
+    }
+
+    /// Arguments after the program name, with `extras`.
+    pub fn args_with(&self, extras: &Extras) -> Vec<String> {
         let accel = match self.accel {
             Accel::Tcg => "tcg,thread=multi",
             Accel::Kvm => "kvm",
@@ -69,7 +90,12 @@ impl GuestSpec {
                 "-object".into(),
                 format!("memory-backend-memfd,id=mem,size={mem},share=on"),
                 "-chardev".into(),
-                format!("socket,id=vgpu,path={}", path_arg(socket)),
+                match extras.gpu_reconnect_ms {
+                    Some(ms) => {
+                        format!("socket,id=vgpu,path={},reconnect-ms={ms}", path_arg(socket))
+                    }
+                    None => format!("socket,id=vgpu,path={}", path_arg(socket)),
+                },
                 "-device".into(),
                 "vhost-user-gpu-pci,chardev=vgpu".into(),
             ]),
@@ -88,7 +114,17 @@ impl GuestSpec {
             "none".into(),
             "-nodefaults".into(),
             "-no-user-config".into(),
-            "-no-reboot".into(),
+        ]);
+        if !extras.allow_reboot {
+            args.push("-no-reboot".into());
+        }
+        if let Some(qmp) = &extras.qmp_socket {
+            args.extend([
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", path_arg(qmp)),
+            ]);
+        }
+        args.extend([
             "-monitor".into(),
             "none".into(),
             "-serial".into(),
@@ -104,8 +140,13 @@ impl GuestSpec {
     }
 
     pub fn command(&self) -> Command {
+        self.command_with(&Extras::default())
+    }
+
+    /// [`GuestSpec::command`] with `extras`.
+    pub fn command_with(&self, extras: &Extras) -> Command {
         let mut command = Command::new(QEMU);
-        command.args(self.args());
+        command.args(self.args_with(extras));
         command
     }
 }
@@ -172,6 +213,33 @@ mod tests {
         assert_eq!(value_after(&args, "-machine"), ["q35"]);
         assert!(value_after(&args, "-device").is_empty());
         assert!(value_after(&args, "-object").is_empty());
+    }
+
+    #[test]
+    fn extras_add_qmp_reconnect_and_allow_reboot() {
+        let plain = spec().args();
+        assert!(plain.iter().any(|a| a == "-no-reboot"));
+        assert!(value_after(&plain, "-qmp").is_empty());
+        assert_eq!(plain, spec().args_with(&Extras::default()));
+
+        let extras = Extras {
+            qmp_socket: Some("/r/qmp.sock".into()),
+            gpu_reconnect_ms: Some(500),
+            allow_reboot: true,
+        };
+        let args = spec().args_with(&extras);
+        assert_eq!(
+            value_after(&args, "-qmp"),
+            ["unix:/r/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(
+            value_after(&args, "-chardev"),
+            ["socket,id=vgpu,path=/r/gpu.sock,reconnect-ms=500"]
+        );
+        assert!(!args.iter().any(|a| a == "-no-reboot"));
+        // QMP replaces neither the serial console nor the disabled monitor.
+        assert_eq!(value_after(&args, "-serial"), ["stdio"]);
+        assert_eq!(value_after(&args, "-monitor"), ["none"]);
     }
 
     #[test]

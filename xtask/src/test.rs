@@ -3,8 +3,9 @@
 //! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
 //! a boot with each example fault plan, every scenario of the catalogue on
 //! both drivers, each injected driver bug (which must be caught), a short
-//! resumed soak, the harness fault test, then the KUnit suites of the kernel
-//! patch series on the same kernel.
+//! resumed soak, the harness fault test, the lifecycle checks (backend
+//! killed and restarted, QMP system_reset; `lifecycle`), then the KUnit
+//! suites of the kernel patch series on the same kernel.
 
 use crate::boot::{self, BootArgs};
 use crate::paths;
@@ -42,6 +43,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     injected_bugs_are_caught()?;
     soak_resumes()?;
     backend_death_is_reported()?;
+    crate::lifecycle::run()?;
     eprintln!("test: KUnit suites of the guest-driver series (cargo xtask kunit)");
     crate::kunit::run(&crate::kunit::KunitArgs::default())
 }

@@ -1,0 +1,467 @@
+//! The lifecycle checks. Each starts its own fencelab-device in a private
+//! socket folder, boots at most one guest at a time, and returns what it
+//! established; an early-boot stall (`guest::EARLY_BOOT_STALL`) is retried
+//! like every other boot's.
+
+use super::machine::{Machine, Waited};
+use super::{Prepared, Verdict};
+use crate::boot::{self, DeviceSpec, Driver, Faults, SocketDir};
+use crate::console::{self, BOOT_MARKER, RESULT_MARKER};
+use crate::guest::{self, Attempt};
+use crate::qemu::Extras;
+use crate::qmp::Qmp;
+use crate::report::DeviceSummary;
+use crate::supervise::Supervised;
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Up to the workload: a TCG boot takes 30–60 s, more on a loaded host.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A fencelab-device in a socket folder of its own.
+struct Backend {
+    sockets: SocketDir,
+    process: Supervised,
+}
+
+impl Backend {
+    fn gpu_socket(&self) -> PathBuf {
+        self.sockets.path().join("gpu.sock")
+    }
+
+    fn control_socket(&self) -> PathBuf {
+        self.sockets.path().join("ctl.sock")
+    }
+
+    /// Starts the device with `latency`, logging to `log`, in `sockets`
+    /// (a fresh folder, or the one of a device it replaces).
+    fn start(prepared: &Prepared, sockets: SocketDir, latency: &str, log: &Path) -> Result<Self> {
+        let socket = sockets.path().join("gpu.sock");
+        let control = sockets.path().join("ctl.sock");
+        let trace = log.with_extension("trace.jsonl");
+        let mut process = boot::start_device(&DeviceSpec {
+            binary: &prepared.device_bin,
+            socket: &socket,
+            control_socket: &control,
+            faults: Faults::Latency(latency),
+            seed: Some(1),
+            trace: &trace,
+            log,
+        })?;
+        // The device removes a dead one's socket and binds its own: wait
+        // until something accepts on it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&control).is_err() {
+            if let Some(status) = process.try_status()? {
+                bail!(
+                    "fencelab-device exited before listening ({status}):\n{}",
+                    boot::device_log_tail(log)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "fencelab-device did not listen on {} within 10 s",
+                    control.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { sockets, process })
+    }
+
+    /// The device's live statistics (`{"cmd":"stats"}` on the control socket).
+    fn stats(&self) -> Result<Value> {
+        let path = self.control_socket();
+        let mut stream = UnixStream::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        writeln!(stream, r#"{{"cmd":"stats"}}"#)?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        let reply: Value = serde_json::from_str(&line)
+            .with_context(|| format!("control socket reply {line:?}"))?;
+        Ok(reply["stats"].clone())
+    }
+
+    /// Fences the device has taken so far (0 when it cannot be asked).
+    fn submitted(&self) -> u64 {
+        self.stats()
+            .ok()
+            .and_then(|s| s["accounting"]["submitted"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Fences the device holds right now (0 when it cannot be asked).
+    fn outstanding(&self) -> u64 {
+        self.stats()
+            .ok()
+            .and_then(|s| s["fences_outstanding"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+/// QEMU with `reconnect-ms` on the GPU chardev: vhost-user-gpu-pci cannot
+/// start (see the module docs of `lifecycle`). The check proves QEMU still
+/// refuses, so the day a QEMU upgrade makes it work, this fails and the
+/// lifecycle tests and `scenarios/backend-crash.toml` can be extended.
+pub fn reconnect_ms(prepared: &Prepared) -> Result<Verdict> {
+    let run_dir = guest::new_run_dir("lifecycle-reconnect-ms")?;
+    let mut verdict = Verdict {
+        run_dir: Some(run_dir.clone()),
+        ..Verdict::default()
+    };
+    let mut backend = Backend::start(
+        prepared,
+        SocketDir::create()?,
+        "0",
+        &run_dir.join("device.log"),
+    )?;
+    let spec = prepared.guest(&backend.gpu_socket(), Driver::VirtioGpu, &["--fences=10"]);
+    let extras = Extras {
+        gpu_reconnect_ms: Some(500),
+        ..Extras::default()
+    };
+    let mut machine = Machine::launch(&spec, &extras, &run_dir)?;
+    let status = machine.wait_exit(Duration::from_secs(60))?;
+    let qemu_log = machine.qemu_log();
+    match status {
+        None => {
+            machine.stop()?;
+            verdict.failures.push(
+                "QEMU with reconnect-ms=500 still ran after 60 s: vhost-user-gpu-pci started, which \
+                 QEMU 10.0.2 does not do; extend the lifecycle checks and backend-crash.toml"
+                    .into(),
+            );
+        }
+        Some(status) => {
+            verdict.check(!status.success(), || {
+                format!("QEMU with reconnect-ms=500 exited {status}, expected a failure")
+            });
+            verdict.check(qemu_log.contains("vhost-user-gpu-pci"), || {
+                format!("QEMU's error does not name vhost-user-gpu-pci: {qemu_log:?}")
+            });
+            verdict.check(!machine.console().contains(BOOT_MARKER), || {
+                "the guest booted although QEMU failed".into()
+            });
+            verdict.notes.push(format!(
+                "QEMU with -chardev socket,…,reconnect-ms=500 exits at startup ({status}): {}",
+                one_line(&qemu_log)
+            ));
+        }
+    }
+    backend.process.stop(Duration::from_secs(3))?;
+    Ok(verdict)
+}
+
+/// fencelab-device SIGKILLed with fences in flight, then restarted on the
+/// same socket; fencelab_drm in the guest.
+///
+/// Expected, and why: QEMU does not reconnect (no `reconnect-ms`, which
+/// [`reconnect_ms`] shows it cannot use, and no re-handshake on a new
+/// connection either), so the fences in flight are lost. fencelab_drm's
+/// job timeout (10 s) signals them with `ETIMEDOUT` (fence-hammer waits
+/// 30 s, so none is left to its own timeout); every fence submitted after
+/// the kill meets the same end, which is why the workload is 16 fences.
+/// The guest powers off normally and QEMU exits 0; the restarted device
+/// never sees a connection.
+pub fn backend_killed(prepared: &Prepared) -> Result<Verdict> {
+    retry("lifecycle backend-killed", || backend_killed_once(prepared))
+}
+
+fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
+    let run_dir = guest::new_run_dir("lifecycle-backend-killed")?;
+    let mut verdict = Verdict {
+        run_dir: Some(run_dir.clone()),
+        ..Verdict::default()
+    };
+    // 1 s per fence: the ones in flight are still there when the kill lands.
+    let mut first = Backend::start(
+        prepared,
+        SocketDir::create()?,
+        "1s",
+        &run_dir.join("device.log"),
+    )?;
+    let spec = prepared.guest(
+        &first.gpu_socket(),
+        Driver::Fencelab,
+        &["--fences=16", "--inflight=8", "--timeout-ms=30000"],
+    );
+    let mut machine = Machine::launch(&spec, &Extras::default(), &run_dir)?;
+    match machine.wait_until("a fence in flight", BOOT_TIMEOUT, |_| {
+        first.outstanding() > 0
+    })? {
+        Waited::Seen => {}
+        Waited::Stalled(stall) => return Ok(Attempt::Stalled(stall)),
+        Waited::Exited(status) => bail!(
+            "QEMU exited ({status}) before any fence was in flight; see {}",
+            run_dir.display()
+        ),
+    }
+    let in_flight = first.outstanding();
+    first.process.kill()?;
+    let killed = first.process.wait_for(Duration::from_secs(5))?;
+    verdict.check(killed.is_some(), || "the killed device did not die".into());
+    let restarted_log = run_dir.join("device-restarted.log");
+    let Backend { sockets, .. } = first;
+    let mut restarted = Backend::start(prepared, sockets, "0", &restarted_log)?;
+    verdict.notes.push(format!(
+        "fencelab-device SIGKILLed with {in_flight} fence(s) in flight, restarted on the same socket"
+    ));
+
+    let status = machine.wait_exit(Duration::from_secs(180))?;
+    verdict.check(status.is_some_and(|s| s.success()), || {
+        format!("QEMU did not exit 0 after the guest powered off: {status:?}")
+    });
+    if status.is_none() {
+        machine.stop()?;
+    }
+    let console = machine.console();
+    let report = console::parse(&console);
+    splats(&report, &mut verdict);
+    match result_line(&report) {
+        Some(result) => {
+            let etimedout = result["errors_by_errno"]["ETIMEDOUT"].as_u64().unwrap_or(0);
+            verdict.check(etimedout >= 1, || {
+                format!("no fence ended with ETIMEDOUT (fencelab_drm's job timeout): {result}")
+            });
+            verdict.check(result["fence_timeouts"] == 0, || {
+                format!("fences were left to fence-hammer's timeout: {result}")
+            });
+            verdict.check(result["premature_signals"] == 0, || {
+                format!("premature signals: {result}")
+            });
+            verdict.notes.push(format!(
+                "guest survived: {} of {} fences signaled, {etimedout} ended by fencelab_drm's job timeout (ETIMEDOUT)",
+                result["fences_signaled"], result["fences_submitted"]
+            ));
+        }
+        None => verdict.failures.push(format!(
+            "the guest printed no result line; see {}",
+            run_dir.display()
+        )),
+    }
+    let reconnected = std::fs::read_to_string(&restarted_log)
+        .unwrap_or_default()
+        .contains("frontend connected");
+    verdict.check(!reconnected, || {
+        "QEMU connected to the restarted device: vhost-user-gpu reconnects now; extend this check \
+         (the next workload should pass) and backend-crash.toml"
+            .into()
+    });
+    let stopped = restarted.process.stop(Duration::from_secs(3))?;
+    verdict.check(stopped.success(), || {
+        format!("the restarted device did not exit 0 on SIGTERM: {stopped}")
+    });
+    let commands = DeviceSummary::from_log(&restarted_log).map(|s| s.commands);
+    verdict.check(commands == Some(Value::from(0)), || {
+        format!("the restarted device's summary: commands {commands:?}, expected 0")
+    });
+    verdict.notes.push(format!(
+        "QEMU never reconnected (the restarted device served 0 commands); QEMU said: {}",
+        one_line(&machine.qemu_log())
+    ));
+    Ok(Attempt::Done(verdict))
+}
+
+/// QMP `system_reset` with fences in flight; upstream virtio_gpu.
+///
+/// Expected, and why: the reset stops the vhost device (QEMU's
+/// `vhost_user_gpu_reset` → `vhost_dev_stop` → `GET_VRING_BASE`, where the
+/// device completes what it holds), the connection stays, the guest reboots
+/// (QEMU runs without `-no-reboot` here), and the init runs the workload
+/// again against the same device: that second run must pass, with no splat
+/// in either boot, and the device must account for every fence.
+pub fn system_reset(prepared: &Prepared) -> Result<Verdict> {
+    retry("lifecycle system-reset", || system_reset_once(prepared))
+}
+
+/// Fences each boot's workload submits: several seconds of work under TCG,
+/// so the reset lands mid-flight.
+const RESET_FENCES: u64 = 3000;
+/// The reset comes once the device has taken this many.
+const RESET_AFTER: u64 = 200;
+
+fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
+    let run_dir = guest::new_run_dir("lifecycle-system-reset")?;
+    let mut verdict = Verdict {
+        run_dir: Some(run_dir.clone()),
+        ..Verdict::default()
+    };
+    let device_log = run_dir.join("device.log");
+    let mut backend = Backend::start(prepared, SocketDir::create()?, "2ms", &device_log)?;
+    let spec = prepared.guest(
+        &backend.gpu_socket(),
+        Driver::VirtioGpu,
+        &[&format!("--fences={RESET_FENCES}")],
+    );
+    let qmp_socket = backend.sockets.path().join("qmp.sock");
+    let extras = Extras {
+        qmp_socket: Some(qmp_socket.clone()),
+        allow_reboot: true,
+        ..Extras::default()
+    };
+    let mut machine = Machine::launch(&spec, &extras, &run_dir)?;
+    let mut qmp = Qmp::connect(&qmp_socket, Duration::from_secs(10))?;
+    match machine.wait_until("fences in flight", BOOT_TIMEOUT, |_| {
+        backend.submitted() >= RESET_AFTER
+    })? {
+        Waited::Seen => {}
+        Waited::Stalled(stall) => return Ok(Attempt::Stalled(stall)),
+        Waited::Exited(status) => bail!(
+            "QEMU exited ({status}) before the reset; see {}",
+            run_dir.display()
+        ),
+    }
+    let before = backend.submitted();
+    qmp.execute("system_reset")?;
+    verdict.notes.push(format!(
+        "QMP system_reset after the device had taken {before} fences"
+    ));
+
+    let rebooted = |console: &str| console.matches(BOOT_MARKER).count() >= 2;
+    if let Waited::Seen = machine.wait_until("the guest's second boot", BOOT_TIMEOUT, rebooted)? {
+        // Reading the status also collects the events QEMU sent meanwhile.
+        let status = qmp.execute("query-status")?;
+        let reset = qmp
+            .events()
+            .iter()
+            .find(|e| e["event"] == "RESET")
+            .map(|e| e["data"]["reason"].clone());
+        verdict.check(reset.is_some(), || {
+            format!("QEMU sent no RESET event (events: {:?})", qmp.events())
+        });
+        verdict.notes.push(format!(
+            "QEMU: RESET event, reason {}; the guest rebooted (status {})",
+            reset.unwrap_or_default(),
+            status["status"]
+        ));
+    }
+    let second_result = |console: &str| {
+        console
+            .match_indices(BOOT_MARKER)
+            .nth(1)
+            .is_some_and(|(at, _)| console[at..].contains(RESULT_MARKER))
+    };
+    match machine.wait_until("the rebooted guest's result", BOOT_TIMEOUT, second_result)? {
+        Waited::Seen => {}
+        Waited::Exited(status) => verdict.failures.push(format!(
+            "QEMU exited ({status}) before the rebooted guest's result"
+        )),
+        Waited::Stalled(stall) => verdict.failures.push(format!(
+            "the console went quiet after the reset (line {}: {})",
+            stall.after_line, stall.last_line
+        )),
+    }
+    let status = machine.wait_exit(Duration::from_secs(60))?;
+    verdict.check(status.is_some_and(|s| s.success()), || {
+        format!("QEMU did not exit 0 after the second workload: {status:?}")
+    });
+    if status.is_none() {
+        machine.stop()?;
+    }
+
+    let console = machine.console();
+    let boots: Vec<usize> = console
+        .match_indices(BOOT_MARKER)
+        .map(|(at, _)| at)
+        .collect();
+    verdict.check(boots.len() == 2, || {
+        format!("the guest booted {} times, expected 2", boots.len())
+    });
+    let first = console::parse(&console[..boots.get(1).copied().unwrap_or(console.len())]);
+    verdict.check(
+        first.workload_started && first.result_json.is_none(),
+        || "the reset did not interrupt the first workload".into(),
+    );
+    splats(&console::parse(&console), &mut verdict);
+    if let Some(&at) = boots.get(1) {
+        match result_line(&console::parse(&console[at..])) {
+            Some(result) => {
+                verdict.check(result["ok"] == true, || {
+                    format!("the workload after the reset failed: {result}")
+                });
+                verdict.notes.push(format!(
+                    "after the reboot the workload passed: {} of {} fences signaled",
+                    result["fences_signaled"], result["fences_submitted"]
+                ));
+            }
+            None => verdict
+                .failures
+                .push("the rebooted guest printed no result line".into()),
+        }
+    }
+    let exited = backend.process.wait_for(Duration::from_secs(10))?;
+    if exited.is_none() {
+        verdict
+            .failures
+            .push("fencelab-device did not exit after QEMU disconnected".into());
+        backend.process.stop(Duration::from_secs(3))?;
+    }
+    match DeviceSummary::from_log(&device_log) {
+        Some(device) => {
+            verdict.check(
+                device.fences_completed == device.fences_submitted
+                    && device.fences_submitted > RESET_FENCES,
+                || {
+                    format!(
+                        "device accounting: {} fences submitted, {} completed (expected all of more than {RESET_FENCES})",
+                        device.fences_submitted, device.fences_completed
+                    )
+                },
+            );
+            verdict.notes.push(format!(
+                "one backend connection across the reset: the device completed all {} fences",
+                device.fences_submitted
+            ));
+        }
+        None => verdict
+            .failures
+            .push("fencelab-device printed no summary".into()),
+    }
+    Ok(Attempt::Done(verdict))
+}
+
+/// Runs `attempt` again after an early-boot stall, as every boot does.
+fn retry(what: &str, attempt: impl FnMut() -> Result<Attempt<Verdict>>) -> Result<Verdict> {
+    let (mut verdict, stalls) = guest::retry_early_boot_stalls(what, attempt)?;
+    if !stalls.is_empty() {
+        verdict.notes.push(format!(
+            "booted again after {} early-boot stall(s)",
+            stalls.len()
+        ));
+    }
+    Ok(verdict)
+}
+
+fn splats(report: &console::ConsoleReport, verdict: &mut Verdict) {
+    for splat in &report.splats {
+        verdict
+            .failures
+            .push(format!("kernel splat: {}", splat.summary()));
+    }
+    for error in &report.init_errors {
+        verdict.failures.push(format!("guest init: {error}"));
+    }
+}
+
+fn result_line(report: &console::ConsoleReport) -> Option<Value> {
+    serde_json::from_str(report.result_json.as_deref()?).ok()
+}
+
+/// The first lines of QEMU's messages, joined, for a note.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
+    if lines.is_empty() {
+        "(nothing)".into()
+    } else {
+        lines.join(" | ")
+    }
+}
