@@ -10,6 +10,7 @@ mod cmd;
 mod console;
 mod cpio;
 mod crosscheck;
+mod fuzz;
 mod guest;
 mod image;
 mod junit;
@@ -61,6 +62,8 @@ enum Command {
     /// Benchmarks: fence round trips against rust-vmm's vhost-device-gpu,
     /// latency-injection accuracy, backend cost, boot time, criterion benches.
     Bench(bench::BenchArgs),
+    /// cargo-fuzz targets: `--smoke` (seconds per target) or one target for `--duration`.
+    Fuzz(fuzz::FuzzArgs),
     /// The test suite: unit tests, boots (smoke, plans, every scenario, injected bugs, soak), KUnit.
     Test(test::TestArgs),
 }
@@ -95,6 +98,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Scenario(args) => scenario::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }

@@ -6,7 +6,9 @@
 //! - the Linux 7.3 source (`linux-source-7.3`, trixie-backports) unpacked,
 //!   pristine, into the cache,
 //! - Debian's `rust-src` matching `rustc --version` unpacked into the cache,
-//! - `bindgen-cli` 0.71.1 installed into the cache.
+//! - `bindgen-cli` 0.71.1 installed into the cache;
+//! - and, on first use of `cargo xtask fuzz` only, `cargo-fuzz` 0.13.2
+//!   ([`ensure_cargo_fuzz`]).
 //!
 //! Every check is local and cheap (dpkg-query, files, `--version`), so a run
 //! on a prepared machine takes about a second; apt is called only when
@@ -708,40 +710,78 @@ fn ensure_bindgen(cache: &Path) -> Result<PathBuf> {
         step(&what, "ok (already present)");
         return Ok(bindgen);
     }
+    cargo_install(
+        cache,
+        "bindgen-cli",
+        BINDGEN_VERSION,
+        &[("LIBCLANG_PATH", LIBCLANG_PATH)],
+    )
+    .map_err(|e| e.context(manual_help()))?;
+    Ok(bindgen)
+}
+
+/// `cargo install KRATE --version VERSION --locked` into the cache's
+/// `tools/`, with a progress line a minute and the output in a log.
+fn cargo_install(cache: &Path, krate: &str, version: &str, envs: &[(&str, &str)]) -> Result<()> {
+    let root = cache.join("tools");
     let t = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut c = Command::new(cargo);
     c.args([
         "install",
-        "bindgen-cli",
+        krate,
         "--version",
-        BINDGEN_VERSION,
+        version,
         "--locked",
         "--force",
         "--root",
     ])
     .arg(&root)
-    .env("LIBCLANG_PATH", LIBCLANG_PATH);
-    let log = cache.join("logs").join("bindgen-install.log");
+    .envs(envs.iter().copied());
+    let log = cache.join("logs").join(format!("{krate}-install.log"));
+    let what = format!("setup: cargo install {krate}");
     let logged = Logged {
         every: Some(Duration::from_secs(60)),
-        ..Logged::new("setup: cargo install bindgen-cli", &log)
+        ..Logged::new(&what, &log)
     };
     cmd::run_logged(c, &logged).map_err(|e| {
         e.context(format!(
-            "cargo install bindgen-cli failed (crates.io reachable?)\n{}",
-            manual_help()
+            "cargo install {krate} failed (crates.io reachable?)"
         ))
     })?;
     step(
-        &what,
+        &format!("{krate} {version}"),
         format!(
             "ok (installed into {} in {})",
             root.display(),
             cmd::human_duration(t.elapsed())
         ),
     );
-    Ok(bindgen)
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cargo-fuzz
+
+/// The cargo-fuzz `cargo xtask fuzz` drives.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, installed into the cache's `tools/` on first use (it is
+/// needed only by `cargo xtask fuzz`, not by the kernel build).
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let cache = paths::cache_dir();
+    let _lock = FileLock::acquire(&cache.join("setup.lock"), "setup")?;
+    let cargo_fuzz = cache.join("tools").join("bin").join("cargo-fuzz");
+    let what = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let present = cargo_fuzz.is_file()
+        && cmd::stdout(Command::new(&cargo_fuzz).args(["fuzz", "--version"]))
+            .is_ok_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION));
+    if present {
+        step(&what, "ok (already present)");
+    } else {
+        eprintln!("setup: {what}: installing with cargo (a few minutes on first use)");
+        cargo_install(&cache, "cargo-fuzz", CARGO_FUZZ_VERSION, &[])?;
+    }
+    Ok(cargo_fuzz)
 }
 
 #[cfg(test)]
