@@ -154,12 +154,17 @@ fn micros(ns: u64) -> f64 {
 /// A fence between its `decide` and its `complete`.
 struct InFlight {
     arrived_ns: u64,
+    /// Where its figures go (see [`Latencies::group`]).
+    group: String,
 }
 
 /// Every timeline of one trace.
 #[derive(Default)]
 pub struct Latencies {
     timelines: BTreeMap<String, Distributions>,
+    /// Keep each injected latency of a timeline apart, as
+    /// `"CTX.RING @ 50 µs"` (a bench that changes the latency by phase).
+    by_injected: bool,
 }
 
 /// The fields of a trace line this module reads; the rest is skipped.
@@ -187,18 +192,36 @@ enum Fences {
 impl Latencies {
     /// Reads the trace at `path`.
     pub fn from_trace(path: &Path) -> Result<Self> {
+        Self::read_trace(path, false)
+    }
+
+    /// Reads the trace at `path`, one group per timeline and injected
+    /// latency (`"CTX.RING @ 50 µs"`; a hung fence's is `@ hung`).
+    pub fn from_trace_by_injected(path: &Path) -> Result<Self> {
+        Self::read_trace(path, true)
+    }
+
+    fn read_trace(path: &Path, by_injected: bool) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        Self::from_reader(
+        Self::read_from(
             BufReader::with_capacity(1 << 16, file),
             &path.display().to_string(),
+            by_injected,
         )
     }
 
     /// Reads a trace from `input`; `name` is used in errors. A cut-off last
     /// line (a run killed mid-write) is ignored, any other bad line is an
     /// error naming it.
-    pub fn from_reader(mut input: impl BufRead, name: &str) -> Result<Self> {
-        let mut latencies = Latencies::default();
+    pub fn from_reader(input: impl BufRead, name: &str) -> Result<Self> {
+        Self::read_from(input, name, false)
+    }
+
+    fn read_from(mut input: impl BufRead, name: &str, by_injected: bool) -> Result<Self> {
+        let mut latencies = Latencies {
+            by_injected,
+            ..Latencies::default()
+        };
         let mut in_flight: HashMap<(String, u64), InFlight> = HashMap::new();
         let mut buf = String::new();
         for number in 1.. {
@@ -219,10 +242,21 @@ impl Latencies {
             };
             latencies.take(line, &mut in_flight);
         }
-        for (timeline, _) in in_flight.keys() {
-            latencies.timeline(timeline).unfinished += 1;
+        for fence in in_flight.values() {
+            latencies.timeline(&fence.group).unfinished += 1;
         }
         Ok(latencies)
+    }
+
+    /// The figures' group of a fence of `timeline` with `injected` ns.
+    fn group(&self, timeline: &str, injected: Option<u64>) -> String {
+        if !self.by_injected {
+            return timeline.to_owned();
+        }
+        match injected {
+            Some(ns) => format!("{timeline} @ {}", human_us(micros(ns))),
+            None => format!("{timeline} @ hung"),
+        }
     }
 
     fn timeline(&mut self, timeline: &str) -> &mut Distributions {
@@ -238,27 +272,27 @@ impl Latencies {
     fn take(&mut self, line: Line<'_>, in_flight: &mut HashMap<(String, u64), InFlight>) {
         match (line.event, line.timeline, line.fence, line.t_ns) {
             ("decide", Some(timeline), Some(fence), Some(t_ns)) => {
-                let distributions = self.timeline(timeline);
-                if let Some(due) = line.due_ns {
-                    distributions
-                        .injected
-                        .saturating_record(due.saturating_sub(t_ns).max(1));
+                let injected = line.due_ns.map(|due| due.saturating_sub(t_ns).max(1));
+                let group = self.group(timeline, injected);
+                let arrival = InFlight {
+                    arrived_ns: t_ns,
+                    group: group.clone(),
+                };
+                let distributions = self.timeline(&group);
+                if let Some(injected) = injected {
+                    distributions.injected.saturating_record(injected);
                 }
-                let key = (timeline.to_owned(), fence);
-                if in_flight
-                    .insert(key, InFlight { arrived_ns: t_ns })
-                    .is_some()
-                {
+                if let Some(earlier) = in_flight.insert((timeline.to_owned(), fence), arrival) {
                     // The driver reused a fence id (a module reload): the
                     // earlier fence never completed.
-                    distributions.unfinished += 1;
+                    self.timeline(&earlier.group).unfinished += 1;
                 }
             }
             ("complete", Some(timeline), Some(fence), Some(t_ns)) => {
                 let Some(arrival) = in_flight.remove(&(timeline.to_owned(), fence)) else {
                     return; // decided before the trace started (replay of a cut trace)
                 };
-                let distributions = self.timeline(timeline);
+                let distributions = self.timeline(&arrival.group);
                 distributions
                     .observed
                     .saturating_record(t_ns.saturating_sub(arrival.arrived_ns).max(1));
@@ -281,8 +315,9 @@ impl Latencies {
                         .cloned()
                         .collect();
                     for key in dropped {
-                        in_flight.remove(&key);
-                        self.timeline(&key.0).unfinished += 1;
+                        if let Some(fence) = in_flight.remove(&key) {
+                            self.timeline(&fence.group).unfinished += 1;
+                        }
                     }
                 }
             }
@@ -398,6 +433,29 @@ pub mod tests {
             "{}",
             one.one_line()
         );
+    }
+
+    #[test]
+    fn by_injected_keeps_each_latency_of_a_timeline_apart() {
+        let trace = synthetic_trace();
+        let figures = Latencies::read_from(trace.as_bytes(), "synthetic", true)
+            .unwrap()
+            .figures();
+        let names: Vec<&str> = figures.iter().map(|f| f.timeline.as_str()).collect();
+        // Timeline 1.0 injects 1..=1000 µs (a group each); 2.0 injects 2 ms,
+        // plus the two fences it hung.
+        assert_eq!(names.len(), 1000 + 2, "{:?}", &names[..5]);
+        let two_ms = figures.iter().find(|f| f.timeline == "2.0 @ 2 ms").unwrap();
+        assert_eq!((two_ms.fences, two_ms.flushed), (201, 1));
+        close(two_ms.observed_p50_us, 2000.0);
+        let hung = figures.iter().find(|f| f.timeline == "2.0 @ hung").unwrap();
+        assert_eq!((hung.fences, hung.unfinished), (0, 2));
+        let one = figures
+            .iter()
+            .find(|f| f.timeline == "1.0 @ 500 µs")
+            .unwrap();
+        assert_eq!(one.fences, 1);
+        close(one.observed_p50_us, 550.0);
     }
 
     #[test]

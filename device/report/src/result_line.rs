@@ -38,6 +38,10 @@ pub struct ResultLine {
     pub fences_per_s: f64,
     #[serde(default)]
     pub rtt_us: RttUs,
+    /// Round trips by phase (fence-hammer `--rtt-phases N`: the fences split
+    /// by number into N equal, contiguous phases); absent without it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rtt_us_by_phase: Vec<RttUs>,
     #[serde(default)]
     pub first_error: Option<String>,
     /// The timeline name from SYNC_IOC_FILE_INFO of the first fence read.

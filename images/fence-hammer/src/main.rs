@@ -103,6 +103,10 @@ struct Cli {
     /// poll() waiter threads of callback-vs-release, each on merged sync_files of its own
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
     waiters: u64,
+
+    /// Also report round trips by phase: fences split by number into N equal, contiguous phases
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    rtt_phases: u64,
 }
 
 impl Cli {
@@ -115,6 +119,7 @@ impl Cli {
             threads: self.threads as usize,
             merge_width: self.merge_width as usize,
             waiters: self.waiters as usize,
+            rtt_phases: self.rtt_phases as usize,
         }
     }
 }

@@ -80,6 +80,52 @@ pub struct Outcome {
     pub callbacks: Option<CallbackRaceReport>,
     pub array_order: Option<ArrayOrderReport>,
     pub reset: Option<ResetReport>,
+    /// Round trips split by fence number into `--rtt-phases` equal, contiguous
+    /// phases (empty unless asked): a bench varies the device's latency by
+    /// phase and reads each phase's own percentiles.
+    pub rtt_phases: RttPhases,
+}
+
+/// Round trips (ns) of the signaled fences, by phase of the run.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RttPhases {
+    /// Fences of the whole run (every thread's), which the phases split.
+    pub fences: u64,
+    pub samples: Vec<Vec<u64>>,
+}
+
+impl RttPhases {
+    /// `phases` empty phases of `fences` fences; none when `phases` < 2.
+    pub fn new(fences: u64, phases: usize) -> Self {
+        if phases < 2 {
+            return Self::default();
+        }
+        Self {
+            fences,
+            samples: vec![Vec::new(); phases],
+        }
+    }
+
+    /// Files the round trip of fence `seq` under its phase.
+    pub fn record(&mut self, seq: u64, rtt_ns: u64) {
+        let phases = self.samples.len() as u64;
+        if phases == 0 || self.fences == 0 {
+            return;
+        }
+        let phase = (u128::from(seq.min(self.fences - 1)) * u128::from(phases)
+            / u128::from(self.fences)) as usize;
+        self.samples[phase].push(rtt_ns);
+    }
+
+    fn absorb(&mut self, other: RttPhases) {
+        if self.samples.is_empty() {
+            *self = other;
+            return;
+        }
+        for (mine, theirs) in self.samples.iter_mut().zip(other.samples) {
+            mine.extend(theirs);
+        }
+    }
 }
 
 /// Error messages beyond this many are counted but not printed (a device
@@ -123,6 +169,7 @@ impl Outcome {
     pub fn absorb(&mut self, other: Outcome) {
         self.counts.add(other.counts);
         self.rtt_ns.extend(other.rtt_ns);
+        self.rtt_phases.absorb(other.rtt_phases);
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -179,6 +226,7 @@ pub fn result_line(workload: &str, device: &str, driver: &str, o: &Outcome) -> R
         elapsed_ms: round_to(secs * 1e3, 3),
         fences_per_s: round_to(per_s, 1),
         rtt_us: RttUs::from_ns(&o.rtt_ns),
+        rtt_us_by_phase: o.rtt_phases.samples.iter().map(|s| RttUs::from_ns(s)).collect(),
         first_error: o.first_error.clone(),
         timeline_name: o.timeline_name.clone(),
         premature_signals: o.premature.premature,
@@ -215,6 +263,7 @@ pub fn setup_error_line(
         elapsed_ms: 0.0,
         fences_per_s: 0.0,
         rtt_us: RttUs::default(),
+        rtt_us_by_phase: Vec::new(),
         first_error: Some(error),
         timeline_name: None,
         premature_signals: 0,
@@ -309,6 +358,31 @@ mod tests {
         "threads",
         "ok",
     ];
+
+    #[test]
+    fn phases_split_fence_numbers_evenly_and_join_across_threads() {
+        let mut a = RttPhases::new(10, 3);
+        for seq in 0..5 {
+            a.record(seq, 100 + seq);
+        }
+        let mut b = RttPhases::new(10, 3);
+        for seq in 5..12 {
+            b.record(seq, 100 + seq);
+        }
+        a.absorb(b);
+        // 0..=3 → phase 0, 4..=6 → 1, 7..=9 (and beyond the end) → 2.
+        assert_eq!(
+            a.samples,
+            [
+                vec![100, 101, 102, 103],
+                vec![104, 105, 106],
+                vec![107, 108, 109, 110, 111]
+            ]
+        );
+        let mut none = RttPhases::new(10, 1);
+        none.record(3, 1);
+        assert!(none.samples.is_empty());
+    }
 
     #[test]
     fn result_line_shape() {

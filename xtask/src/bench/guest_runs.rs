@@ -6,10 +6,11 @@
 
 use super::{BenchArgs, Figures};
 use crate::boot::{self, Backend, BootArgs, Driver};
+use crate::latency::{Latencies, human_us};
 use crate::report::Summary;
 use fencelab_report::{RttUs, percentile};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One round-trip run: zero injected latency, one fence in flight per
 /// timeline, so a fence's round trip is the path's whole latency.
@@ -182,9 +183,27 @@ fn error_above(injected_us: f64, p50: Option<f64>, p99: Option<f64>, max: Option
     }
 }
 
-fn latency_accuracy(injected: &str, injected_us: f64, fences: u32) -> LatencyAccuracy {
-    let args = boot_args(Backend::Fencelab, Driver::VirtioGpu, 1, fences, injected);
-    let mut row = LatencyAccuracy {
+/// The device plan of the latency-accuracy run: the workload's fences in
+/// consecutive phases of `per_phase`, each phase with one injected latency
+/// of [`INJECTED`]; everything else completes at once.
+fn phased_plan(per_phase: u32) -> String {
+    let mut plan = String::from("# written by cargo xtask bench\n[default]\nlatency = \"0s\"\n");
+    for (i, (latency, _)) in INJECTED.iter().enumerate() {
+        let from = i as u64 * u64::from(per_phase);
+        let to = from + u64::from(per_phase) - 1;
+        plan.push_str(&format!(
+            "\n[[rule]]\nname = \"phase {i}: {latency}\"\nlatency = \"{latency}\"\n\
+             match = {{ command = \"SUBMIT_3D\", index = {{ from = {from}, to = {to} }} }}\n"
+        ));
+    }
+    plan
+}
+
+/// One boot for all of [`INJECTED`]: the device changes its latency by
+/// phase (`phased_plan`), fence-hammer reports its round trips by the same
+/// phases (`--rtt-phases`), and the trace gives the device's side.
+fn latency_accuracy(per_phase: u32, dir: &Path) -> Vec<LatencyAccuracy> {
+    let row = |(injected, injected_us): (&str, f64)| LatencyAccuracy {
         injected: injected.into(),
         injected_us,
         fences: 0,
@@ -194,42 +213,103 @@ fn latency_accuracy(injected: &str, injected_us: f64, fences: u32) -> LatencyAcc
         run_dir: None,
         error: None,
     };
+    let mut rows: Vec<LatencyAccuracy> = INJECTED.into_iter().map(row).collect();
+    let fail = |rows: &mut Vec<LatencyAccuracy>, error: String, run_dir: Option<PathBuf>| {
+        for r in rows.iter_mut() {
+            r.error = Some(error.clone());
+            r.run_dir = run_dir.clone();
+        }
+    };
+    let plan = dir.join("latency-phases.toml");
+    if let Err(error) = std::fs::write(&plan, phased_plan(per_phase)) {
+        fail(
+            &mut rows,
+            format!("writing {}: {error}", plan.display()),
+            None,
+        );
+        return rows;
+    }
+    let mut args = boot_args(
+        Backend::Fencelab,
+        Driver::VirtioGpu,
+        1,
+        per_phase * INJECTED.len() as u32,
+        "0",
+    );
+    args.plan = Some(plan);
+    args.hammer_args
+        .push(format!("--rtt-phases={}", INJECTED.len()));
     let summary = match boot(&args) {
         Err((error, run_dir)) => {
-            row.error = Some(error);
-            row.run_dir = run_dir;
-            return row;
+            fail(&mut rows, error, run_dir);
+            return rows;
         }
         Ok(summary) => summary,
     };
-    let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
-    row.fences = summary.fences_signaled;
-    row.guest_rtt_us = summary.rtt_us;
-    row.guest_error_us = error_above(
-        injected_us,
-        as_f64(summary.rtt_us.p50),
-        as_f64(summary.rtt_us.p99),
-        as_f64(summary.rtt_us.max),
-    );
-    // The workload's one timeline; fenced setup commands on context 0 have
-    // their own, with a handful of fences.
-    if let Some(timeline) = summary.latency_by_timeline.iter().max_by_key(|t| t.fences) {
-        row.device_error_us = ErrorUs {
-            max: timeline.max_error_us,
-            ..error_above(
-                injected_us,
-                timeline.observed_p50_us,
-                timeline.observed_p99_us,
-                None,
-            )
-        };
+    let phases = summary
+        .guest
+        .as_ref()
+        .map(|g| g.rtt_us_by_phase.clone())
+        .unwrap_or_default();
+    if phases.len() != INJECTED.len() {
+        fail(
+            &mut rows,
+            format!(
+                "fence-hammer reported {} round-trip phases, {} asked",
+                phases.len(),
+                INJECTED.len()
+            ),
+            Some(summary.run_dir),
+        );
+        return rows;
     }
-    row.run_dir = Some(summary.run_dir);
-    row
+    let device = summary
+        .trace
+        .as_deref()
+        .map(Latencies::from_trace_by_injected)
+        .transpose();
+    let device = match device {
+        Ok(device) => device.map(|d| d.figures()).unwrap_or_default(),
+        Err(error) => {
+            fail(&mut rows, format!("{error:#}"), Some(summary.run_dir));
+            return rows;
+        }
+    };
+    let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
+    for (row, rtt) in rows.iter_mut().zip(phases) {
+        row.guest_rtt_us = rtt;
+        row.guest_error_us = error_above(
+            row.injected_us,
+            as_f64(rtt.p50),
+            as_f64(rtt.p99),
+            as_f64(rtt.max),
+        );
+        // The workload's timeline in this phase (the most fences with this
+        // injected latency; setup commands on context 0 have their own).
+        let suffix = format!(" @ {}", human_us(row.injected_us));
+        if let Some(timeline) = device
+            .iter()
+            .filter(|t| t.timeline.ends_with(&suffix))
+            .max_by_key(|t| t.fences)
+        {
+            row.fences = timeline.fences;
+            row.device_error_us = ErrorUs {
+                max: timeline.max_error_us,
+                ..error_above(
+                    row.injected_us,
+                    timeline.observed_p50_us,
+                    timeline.observed_p99_us,
+                    None,
+                )
+            };
+        }
+        row.run_dir = Some(summary.run_dir.clone());
+    }
+    rows
 }
 
 /// Runs every boot of the bench and fills their part of `figures`.
-pub fn run_all(args: &BenchArgs, figures: &mut Figures) -> anyhow::Result<()> {
+pub fn run_all(args: &BenchArgs, dir: &Path, figures: &mut Figures) -> anyhow::Result<()> {
     let with_peer = !args.no_peer
         && match crate::peer::ensure_installed() {
             Ok(_) => true,
@@ -243,7 +323,7 @@ pub fn run_all(args: &BenchArgs, figures: &mut Figures) -> anyhow::Result<()> {
             }
         };
     let specs = round_trip_specs(with_peer);
-    let total = specs.len() + INJECTED.len();
+    let total = specs.len() + 1;
     let mut summaries = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         eprintln!(
@@ -268,15 +348,16 @@ pub fn run_all(args: &BenchArgs, figures: &mut Figures) -> anyhow::Result<()> {
         figures.round_trip.push(row);
         summaries.extend(summary);
     }
-    for (i, (injected, injected_us)) in INJECTED.into_iter().enumerate() {
-        eprintln!(
-            "bench: [{}/{total}] latency accuracy: {injected} injected, {} fences",
-            total - INJECTED.len() + i + 1,
-            args.latency_fences
-        );
-        let row = latency_accuracy(injected, injected_us, args.latency_fences);
+    eprintln!(
+        "bench: [{total}/{total}] latency accuracy: {} injected in turn, {} fences each",
+        INJECTED.map(|(name, _)| name).join(", "),
+        args.latency_fences
+    );
+    for row in latency_accuracy(args.latency_fences, dir) {
         if let Some(p99) = row.guest_error_us.p99 {
-            figures.latency_p99_error_us.insert(injected.into(), p99);
+            figures
+                .latency_p99_error_us
+                .insert(row.injected.clone(), p99);
         }
         figures.latency.push(row);
     }
@@ -357,6 +438,17 @@ mod tests {
         assert_eq!(args.backend, Backend::VhostDeviceGpu);
         let timed = boot_args(Backend::Fencelab, Driver::VirtioGpu, 1, 300, "50us");
         assert_eq!(timed.latency, "50us");
+    }
+
+    #[test]
+    fn the_phased_plan_gives_each_phase_its_latency_and_the_device_accepts_it() {
+        let text = phased_plan(300);
+        let plan = fencelab_device::plan::Plan::parse(&text, "phased").expect("a valid plan");
+        assert_eq!(plan.rules().len(), 4);
+        assert!(text.contains(
+            "name = \"phase 3: 10ms\"\nlatency = \"10ms\"\nmatch = { command = \"SUBMIT_3D\", index = { from = 900, to = 1199 } }"
+        ), "{text}");
+        assert!(text.contains("index = { from = 0, to = 299 }"), "{text}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct BenchArgs {
     /// Fences per round-trip run (each timeline gets its share).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..))]
     pub fences: u32,
-    /// Fences per latency-accuracy run.
+    /// Fences per injected latency in the latency-accuracy run.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(10..))]
     pub latency_fences: u32,
     /// Leave out rust-vmm's vhost-device-gpu.
@@ -103,7 +103,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     .into(),
             );
         }
-        guest_runs::run_all(args, &mut figures)?;
+        guest_runs::run_all(args, &runs_dir, &mut figures)?;
     }
     if !args.no_in_process {
         in_process::run_all(args, &mut figures)?;

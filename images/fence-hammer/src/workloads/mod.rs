@@ -91,6 +91,8 @@ pub struct Params {
     pub merge_width: usize,
     /// poll() waiters per fence (`callback-vs-release`).
     pub waiters: usize,
+    /// Phases the round trips are reported by (1: no split).
+    pub rtt_phases: usize,
 }
 
 impl Default for Params {
@@ -104,6 +106,7 @@ impl Default for Params {
             threads: 4,
             merge_width: 4,
             waiters: 3,
+            rtt_phases: 1,
         }
     }
 }

@@ -36,7 +36,7 @@ use std::time::Instant;
 use super::{FenceSource, Params};
 use crate::order::{TimestampOrder, ready_before_older};
 use crate::readback::{self, SlotMemory};
-use crate::report::{Counts, Outcome};
+use crate::report::{Counts, Outcome, RttPhases};
 use crate::sync_file::{self, FileInfo, Readiness, Status};
 
 /// Progress line every this many submissions.
@@ -75,6 +75,7 @@ impl Pipeline<'_> {
         let total = seqs.end.saturating_sub(seqs.start);
         let slot_map = self.slots.map(|m| m.map());
         let mut out = Outcome::one_thread();
+        out.rtt_phases = RttPhases::new(p.fences, p.rtt_phases);
         out.order_not_promised = !self.order_promised;
         let mut ts_order = TimestampOrder::default();
         let mut recheck = Recheck::new(p.inflight);
@@ -303,6 +304,7 @@ pub fn tally_signaled(
         Status::Signaled => {
             out.counts.signaled += 1;
             out.rtt_ns.push(rtt.as_nanos() as u64);
+            out.rtt_phases.record(seq, rtt.as_nanos() as u64);
             if let Some(slot_value) = checked_slot {
                 if out.premature.record(seq, slot_value) {
                     note_premature(label, out, seq, slot_value);

@@ -150,6 +150,25 @@ mod tests {
     }
 
     #[test]
+    fn round_trips_are_split_into_phases_by_fence_number_across_threads() {
+        let lanes = FakeLanes::new(FakeGpu::in_order());
+        let p = Params {
+            rtt_phases: 4,
+            ..params(400, 2)
+        };
+        let o = storm(&lanes, None, p).unwrap();
+        assert!(o.ok(), "{o:?}");
+        let sizes: Vec<usize> = o.rtt_phases.samples.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [100, 100, 100, 100], "each thread fed its own phases");
+        let line = crate::report::result_line("signal-storm", "/dev/x", "virtio_gpu", &o);
+        assert_eq!(line.rtt_us_by_phase.len(), 4);
+        assert!(line.rtt_us_by_phase.iter().all(|r| r.p50.is_some()));
+
+        let unsplit = storm(&lanes, None, params(40, 2)).unwrap();
+        assert!(unsplit.rtt_phases.samples.is_empty());
+    }
+
+    #[test]
     fn every_thread_signals_its_share_with_its_own_slots() {
         let memory = Arc::new(FakeSlots::new(3, SlotMap::for_fences(400)));
         let mut gpu = FakeGpu::in_order();
