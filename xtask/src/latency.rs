@@ -213,6 +213,7 @@ impl Latencies {
     /// Reads a trace from `input`; `name` is used in errors. A cut-off last
     /// line (a run killed mid-write) is ignored, any other bad line is an
     /// error naming it.
+    #[cfg(test)]
     pub fn from_reader(input: impl BufRead, name: &str) -> Result<Self> {
         Self::read_from(input, name, false)
     }
