@@ -10,7 +10,7 @@ use crate::console::{self, BOOT_MARKER, RESULT_MARKER};
 use crate::guest::{self, Attempt};
 use crate::qemu::Extras;
 use crate::qmp::Qmp;
-use crate::report::DeviceSummary;
+use crate::report::{DeviceSummary, EarlyBootStall};
 use crate::supervise::Supervised;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -109,17 +109,7 @@ impl Backend {
 /// refuses, so the day a QEMU upgrade makes it work, this fails and the
 /// lifecycle tests and `scenarios/backend-crash.toml` can be extended.
 pub fn reconnect_ms(prepared: &Prepared) -> Result<Verdict> {
-    let run_dir = guest::new_run_dir("lifecycle-reconnect-ms")?;
-    let mut verdict = Verdict {
-        run_dir: Some(run_dir.clone()),
-        ..Verdict::default()
-    };
-    let mut backend = Backend::start(
-        prepared,
-        SocketDir::create()?,
-        "0",
-        &run_dir.join("device.log"),
-    )?;
+    let (run_dir, mut verdict, mut backend) = begin(prepared, "lifecycle-reconnect-ms", "0")?;
     let spec = prepared.guest(&backend.gpu_socket(), Driver::VirtioGpu, &["--fences=10"]);
     let extras = Extras {
         gpu_reconnect_ms: Some(500),
@@ -173,33 +163,17 @@ pub fn backend_killed(prepared: &Prepared) -> Result<Verdict> {
 }
 
 fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
-    let run_dir = guest::new_run_dir("lifecycle-backend-killed")?;
-    let mut verdict = Verdict {
-        run_dir: Some(run_dir.clone()),
-        ..Verdict::default()
-    };
     // 1 s per fence: the ones in flight are still there when the kill lands.
-    let mut first = Backend::start(
-        prepared,
-        SocketDir::create()?,
-        "1s",
-        &run_dir.join("device.log"),
-    )?;
+    let (run_dir, mut verdict, mut first) = begin(prepared, "lifecycle-backend-killed", "1s")?;
     let spec = prepared.guest(
         &first.gpu_socket(),
         Driver::Fencelab,
         &["--fences=16", "--inflight=8", "--timeout-ms=30000"],
     );
     let mut machine = Machine::launch(&spec, &Extras::default(), &run_dir)?;
-    match machine.wait_until("a fence in flight", BOOT_TIMEOUT, |_| {
-        first.outstanding() > 0
-    })? {
-        Waited::Seen => {}
-        Waited::Stalled(stall) => return Ok(Attempt::Stalled(stall)),
-        Waited::Exited(status) => bail!(
-            "QEMU exited ({status}) before any fence was in flight; see {}",
-            run_dir.display()
-        ),
+    let in_flight = |_: &str| first.outstanding() > 0;
+    if let Some(stall) = boot_until(&mut machine, &run_dir, "a fence in flight", in_flight)? {
+        return Ok(Attempt::Stalled(stall));
     }
     let in_flight = first.outstanding();
     first.process.kill()?;
@@ -212,13 +186,7 @@ fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
         "fencelab-device SIGKILLed with {in_flight} fence(s) in flight, restarted on the same socket"
     ));
 
-    let status = machine.wait_exit(Duration::from_secs(180))?;
-    verdict.check(status.is_some_and(|s| s.success()), || {
-        format!("QEMU did not exit 0 after the guest powered off: {status:?}")
-    });
-    if status.is_none() {
-        machine.stop()?;
-    }
+    powered_off(&mut machine, Duration::from_secs(180), &mut verdict)?;
     let console = machine.console();
     let report = console::parse(&console);
     splats(&report, &mut verdict);
@@ -286,13 +254,7 @@ const RESET_FENCES: u64 = 3000;
 const RESET_AFTER: u64 = 200;
 
 fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
-    let run_dir = guest::new_run_dir("lifecycle-system-reset")?;
-    let mut verdict = Verdict {
-        run_dir: Some(run_dir.clone()),
-        ..Verdict::default()
-    };
-    let device_log = run_dir.join("device.log");
-    let mut backend = Backend::start(prepared, SocketDir::create()?, "2ms", &device_log)?;
+    let (run_dir, mut verdict, mut backend) = begin(prepared, "lifecycle-system-reset", "2ms")?;
     let spec = prepared.guest(
         &backend.gpu_socket(),
         Driver::VirtioGpu,
@@ -306,15 +268,9 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
     };
     let mut machine = Machine::launch(&spec, &extras, &run_dir)?;
     let mut qmp = Qmp::connect(&qmp_socket, Duration::from_secs(10))?;
-    match machine.wait_until("fences in flight", BOOT_TIMEOUT, |_| {
-        backend.submitted() >= RESET_AFTER
-    })? {
-        Waited::Seen => {}
-        Waited::Stalled(stall) => return Ok(Attempt::Stalled(stall)),
-        Waited::Exited(status) => bail!(
-            "QEMU exited ({status}) before the reset; see {}",
-            run_dir.display()
-        ),
+    let in_flight = |_: &str| backend.submitted() >= RESET_AFTER;
+    if let Some(stall) = boot_until(&mut machine, &run_dir, "fences in flight", in_flight)? {
+        return Ok(Attempt::Stalled(stall));
     }
     let before = backend.submitted();
     qmp.execute("system_reset")?;
@@ -356,13 +312,7 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
             stall.after_line, stall.last_line
         )),
     }
-    let status = machine.wait_exit(Duration::from_secs(60))?;
-    verdict.check(status.is_some_and(|s| s.success()), || {
-        format!("QEMU did not exit 0 after the second workload: {status:?}")
-    });
-    if status.is_none() {
-        machine.stop()?;
-    }
+    powered_off(&mut machine, Duration::from_secs(60), &mut verdict)?;
 
     let console = machine.console();
     let boots: Vec<usize> = console
@@ -401,7 +351,7 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
             .push("fencelab-device did not exit after QEMU disconnected".into());
         backend.process.stop(Duration::from_secs(3))?;
     }
-    match DeviceSummary::from_log(&device_log) {
+    match DeviceSummary::from_log(&run_dir.join("device.log")) {
         Some(device) => {
             verdict.check(
                 device.fences_completed == device.fences_submitted
@@ -423,6 +373,54 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
             .push("fencelab-device printed no summary".into()),
     }
     Ok(Attempt::Done(verdict))
+}
+
+/// A check's run folder, its verdict so far, and a fresh device with
+/// `latency` logging to `device.log` there.
+fn begin(prepared: &Prepared, name: &str, latency: &str) -> Result<(PathBuf, Verdict, Backend)> {
+    let run_dir = guest::new_run_dir(name)?;
+    let verdict = Verdict {
+        run_dir: Some(run_dir.clone()),
+        ..Verdict::default()
+    };
+    let backend = Backend::start(
+        prepared,
+        SocketDir::create()?,
+        latency,
+        &run_dir.join("device.log"),
+    )?;
+    Ok((run_dir, verdict, backend))
+}
+
+/// Waits through the boot until `ready` holds: `Some` after an early-boot
+/// stall (to be retried); QEMU exiting first is an error.
+fn boot_until(
+    machine: &mut Machine,
+    run_dir: &Path,
+    what: &str,
+    ready: impl FnMut(&str) -> bool,
+) -> Result<Option<EarlyBootStall>> {
+    match machine.wait_until(what, BOOT_TIMEOUT, ready)? {
+        Waited::Seen => Ok(None),
+        Waited::Stalled(stall) => Ok(Some(stall)),
+        Waited::Exited(status) => bail!(
+            "QEMU exited ({status}) before {what}; see {}",
+            run_dir.display()
+        ),
+    }
+}
+
+/// Waits up to `timeout` for the guest to power off, which must end QEMU
+/// with status 0; stops QEMU if it does not.
+fn powered_off(machine: &mut Machine, timeout: Duration, verdict: &mut Verdict) -> Result<()> {
+    let status = machine.wait_exit(timeout)?;
+    verdict.check(status.is_some_and(|s| s.success()), || {
+        format!("QEMU did not exit 0 (the guest powering off) within {timeout:?}: {status:?}")
+    });
+    if status.is_none() {
+        machine.stop()?;
+    }
+    Ok(())
 }
 
 /// Runs `attempt` again after an early-boot stall, as every boot does.
