@@ -744,7 +744,7 @@ pub(crate) struct DeviceSpec<'a> {
 
 impl DeviceSpec<'_> {
     /// The device's arguments (the CLI in device/src/main.rs).
-    fn args(&self) -> Vec<std::ffi::OsString> {
+    pub(crate) fn args(&self) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec!["--socket".into(), self.socket.into()];
         match self.faults {
             Faults::Latency(latency) => args.extend(["--latency".into(), latency.into()]),
@@ -781,7 +781,7 @@ fn start_peer(spec: &DeviceSpec<'_>) -> Result<Supervised> {
 }
 
 /// Both output streams of `command` into `log`, stdin closed.
-fn log_to(command: &mut Command, log: &Path) -> Result<()> {
+pub(crate) fn log_to(command: &mut Command, log: &Path) -> Result<()> {
     command
         .stdin(Stdio::null())
         .stdout(File::create(log).with_context(|| format!("creating {}", log.display()))?)

@@ -292,22 +292,32 @@ impl Fuzz {
         )
     }
 
-    /// Minimises the committed corpus plus `scratch` into a fresh folder
-    /// (libFuzzer's `-merge=1` keeps the smallest inputs that cover
-    /// everything) and puts it in place of `fuzz/corpus/TARGET`.
-    fn merge(&self, target: &str, scratch: &Path, dir: &Path) -> Result<()> {
-        let corpus = self.corpus(target);
-        let merged = dir.join("merged").join(target);
-        fs::create_dir_all(&merged).with_context(|| format!("creating {}", merged.display()))?;
+    /// The command that writes into the empty folder `merged` a small set of
+    /// inputs from the committed corpus and `scratch` covering everything
+    /// they cover.
+    fn merge_command(&self, target: &str, merged: &Path, scratch: &Path, dir: &Path) -> Command {
         let mut c = nice(self.cargo_fuzz());
         c.args(["run", "--debug-assertions", "--fuzz-dir"])
             .arg(&self.fuzz_dir)
             .arg(target)
-            .arg(&merged)
-            .arg(&corpus)
+            .arg(merged)
+            .arg(self.corpus(target))
             .arg(scratch)
-            .args(["--", "-merge=1"])
+            .args(["--", "-set_cover_merge=1"])
             .arg(format!("-artifact_prefix={}/", dir.display()));
+        c
+    }
+
+    /// Minimises the committed corpus plus `scratch` into a fresh folder
+    /// and puts it in place of `fuzz/corpus/TARGET`. libFuzzer's
+    /// `-set_cover_merge=1` keeps a small set of inputs that together cover
+    /// every feature the others reach (plain `-merge=1` keeps several
+    /// hundred inputs per target, too many for the repository).
+    fn merge(&self, target: &str, scratch: &Path, dir: &Path) -> Result<()> {
+        let corpus = self.corpus(target);
+        let merged = dir.join("merged").join(target);
+        fs::create_dir_all(&merged).with_context(|| format!("creating {}", merged.display()))?;
+        let c = self.merge_command(target, &merged, scratch, dir);
         let log = dir.join(format!("{target}-merge.log"));
         cmd::run_logged(c, &cmd::Logged::new("fuzz: merging the corpus", &log))?;
         let before = corpus_size(&corpus)?;
@@ -639,6 +649,33 @@ mod tests {
                 "/repo/fuzz/corpus/plan".into(),
                 root.join("device/plans/broken").display().to_string(),
                 root.join("device/plans").display().to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_merge_minimises_committed_and_scratch_into_an_empty_folder() {
+        let c = fuzz().merge_command(
+            "gpu",
+            Path::new("/r/merged"),
+            Path::new("/r/corpus"),
+            Path::new("/r"),
+        );
+        assert_eq!(
+            args_of(&c)[3..],
+            [
+                "fuzz",
+                "run",
+                "--debug-assertions",
+                "--fuzz-dir",
+                "/repo/fuzz",
+                "gpu",
+                "/r/merged",
+                "/repo/fuzz/corpus/gpu",
+                "/r/corpus",
+                "--",
+                "-set_cover_merge=1",
+                "-artifact_prefix=/r/",
             ]
         );
     }

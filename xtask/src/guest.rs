@@ -186,6 +186,12 @@ impl Guest {
                 return Ok(Ended::Finished);
             }
             if let Some(companion) = companion.as_mut()
+                && self.tracker.marks().workload_started.is_some()
+            {
+                // What the companion spends from here on is the workload's.
+                companion.process.mark_cpu();
+            }
+            if let Some(companion) = companion.as_mut()
                 && companion.kill_when_workload_starts
                 && self.tracker.marks().workload_started.is_some()
             {

@@ -460,25 +460,30 @@ pub fn splat_excerpt(splat: &Splat, max_lines: usize) -> String {
     out
 }
 
-/// The backend's name and what the run cost it: CPU time (in all and per
-/// 1000 signaled fences) and peak memory.
+/// The backend's name and what the run cost it: CPU time (in all, and from
+/// the workload's start per 1000 signaled fences) and peak memory.
 fn backend_cost(summary: &Summary) -> String {
     let name = summary.backend.name();
     let Some(usage) = summary.backend_usage else {
         return format!("{name} (cost not measured)");
     };
-    let per_1000 = if summary.fences_signaled > 0 {
-        format!(
-            ", {:.1} ms per 1000 fences",
-            usage.cpu_ms * 1000.0 / summary.fences_signaled as f64
-        )
-    } else {
-        String::new()
+    let workload = match (usage.cpu_ms_after_mark, per_1000_fences(summary)) {
+        (Some(after), Some(per_1000)) => format!(
+            ", {after:.0} ms of it from the workload's start: {per_1000:.1} ms per 1000 fences;"
+        ),
+        _ => ",".into(),
     };
     format!(
-        "{name}: cpu {:.0} ms{per_1000}, peak RSS {} KiB",
+        "{name}: cpu {:.0} ms{workload} peak RSS {} KiB",
         usage.cpu_ms, usage.max_rss_kib
     )
+}
+
+/// The backend's CPU time from the workload's start per 1000 signaled
+/// fences, in ms.
+pub fn per_1000_fences(summary: &Summary) -> Option<f64> {
+    let after = summary.backend_usage?.cpu_ms_after_mark?;
+    (summary.fences_signaled > 0).then(|| after * 1000.0 / summary.fences_signaled as f64)
 }
 
 /// What the device says it did with the workload's fences (`SUBMIT_3D`)
@@ -552,6 +557,7 @@ pub mod tests {
             backend: Backend::Fencelab,
             backend_usage: Some(ResourceUsage {
                 cpu_ms: 500.0,
+                cpu_ms_after_mark: Some(200.0),
                 max_rss_kib: 9000,
             }),
             boot_to_workload_ms: Some(30_000),
@@ -615,7 +621,7 @@ pub mod tests {
         assert!(table.contains("FAILURE: fences signaled 1999 of 2000"));
         assert!(
             table.contains(
-                "fencelab-device: cpu 500 ms, 250.1 ms per 1000 fences, peak RSS 9000 KiB"
+                "fencelab-device: cpu 500 ms, 200 ms of it from the workload's start: 100.1 ms per 1000 fences; peak RSS 9000 KiB"
             ),
             "{table}"
         );

@@ -18,6 +18,8 @@ pub struct Supervised {
     child: Child,
     status: Option<ExitStatus>,
     usage: Option<ResourceUsage>,
+    /// CPU time (ms) read by [`Supervised::mark_cpu`].
+    cpu_ms_at_mark: Option<f64>,
 }
 
 /// What an exited child cost, from wait4(2)'s `rusage`.
@@ -25,18 +27,36 @@ pub struct Supervised {
 pub struct ResourceUsage {
     /// User plus system CPU time, in milliseconds.
     pub cpu_ms: f64,
+    /// The part of `cpu_ms` spent after [`Supervised::mark_cpu`] (e.g. from
+    /// the workload's start on, without the idle boot), when it was called.
+    pub cpu_ms_after_mark: Option<f64>,
     /// Peak resident set size, in KiB.
     pub max_rss_kib: u64,
 }
 
 impl ResourceUsage {
-    fn from_rusage(r: &libc::rusage) -> Self {
+    fn from_rusage(r: &libc::rusage, cpu_ms_at_mark: Option<f64>) -> Self {
         let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+        let cpu_ms = ms(r.ru_utime) + ms(r.ru_stime);
         Self {
-            cpu_ms: ms(r.ru_utime) + ms(r.ru_stime),
+            cpu_ms,
+            cpu_ms_after_mark: cpu_ms_at_mark.map(|mark| (cpu_ms - mark).max(0.0)),
             max_rss_kib: u64::try_from(r.ru_maxrss).unwrap_or(0),
         }
     }
+}
+
+/// User plus system CPU time of a live process, in ms, from
+/// `/proc/<pid>/stat` (clock-tick resolution, 10 ms at USER_HZ 100).
+fn cpu_ms_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its `)` do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after `)`.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf(3) has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 * 1000.0 / hz as f64)
 }
 
 impl Supervised {
@@ -60,6 +80,7 @@ impl Supervised {
             child,
             status: None,
             usage: None,
+            cpu_ms_at_mark: None,
         })
     }
 
@@ -81,6 +102,14 @@ impl Supervised {
         self.usage
     }
 
+    /// Notes the child's CPU time now, once, so that [`ResourceUsage`] can
+    /// tell what it spent after this point.
+    pub fn mark_cpu(&mut self) {
+        if self.cpu_ms_at_mark.is_none() && self.status.is_none() {
+            self.cpu_ms_at_mark = cpu_ms_of(self.child.id());
+        }
+    }
+
     /// wait4(2) on the child with `options`; records status and usage when
     /// it has exited.
     fn reap(&mut self, options: libc::c_int) -> Result<()> {
@@ -94,7 +123,7 @@ impl Supervised {
             let got = unsafe { libc::wait4(pid, &mut raw_status, options, &mut rusage) };
             if got == pid {
                 self.status = Some(ExitStatus::from_raw(raw_status));
-                self.usage = Some(ResourceUsage::from_rusage(&rusage));
+                self.usage = Some(ResourceUsage::from_rusage(&rusage, self.cpu_ms_at_mark));
                 return Ok(());
             }
             if got == 0 {
@@ -187,10 +216,13 @@ mod tests {
         ]);
         let mut child = Supervised::spawn("busy", busy).unwrap();
         assert_eq!(child.usage(), None, "no usage before the exit");
+        child.mark_cpu();
         let status = child.wait_for(Duration::from_secs(60)).unwrap().unwrap();
         assert_eq!(status.code(), Some(3));
         let usage = child.usage().expect("usage after the exit");
         assert!(usage.cpu_ms > 1.0, "a busy loop costs CPU: {usage:?}");
+        let after = usage.cpu_ms_after_mark.expect("marked while it ran");
+        assert!(after <= usage.cpu_ms && after > 0.0, "{usage:?}");
         assert!(usage.max_rss_kib > 100, "{usage:?}");
     }
 
@@ -201,7 +233,8 @@ mod tests {
         let mut child = Supervised::spawn("sleeper", sleeper).unwrap();
         let status = child.stop(Duration::from_secs(5)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
-        assert!(child.usage().is_some());
+        let usage = child.usage().expect("usage");
+        assert_eq!(usage.cpu_ms_after_mark, None, "never marked");
         // Asking again gives the same answer, not ECHILD.
         assert_eq!(child.try_status().unwrap(), Some(status));
     }

@@ -161,10 +161,7 @@ fn round_trip(spec: RoundTripSpec, fences: u32) -> (RoundTrip, Option<Summary>) 
             row.fences = summary.fences_signaled;
             row.fences_per_s = Some(summary.fences_per_s);
             row.rtt_us = summary.rtt_us;
-            row.backend_cpu_ms_per_1000_fences = summary
-                .backend_usage
-                .filter(|_| summary.fences_signaled > 0)
-                .map(|u| u.cpu_ms * 1000.0 / summary.fences_signaled as f64);
+            row.backend_cpu_ms_per_1000_fences = crate::report::per_1000_fences(&summary);
             row.backend_peak_rss_kib = summary.backend_usage.map(|u| u.max_rss_kib);
             row.qemu_to_workload_ms = summary.boot_to_workload_ms;
             row.run_dir = Some(summary.run_dir.clone());

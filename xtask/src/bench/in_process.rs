@@ -75,7 +75,10 @@ fn cargo_bench() -> Command {
 }
 
 fn criterion(measurement_secs: u64) -> Result<Vec<CriterionFigure>> {
-    let started = SystemTime::now();
+    // File times come from a coarser clock than SystemTime::now(): a file
+    // written just after this line can carry an earlier time. Leftovers of
+    // earlier runs are older than a few seconds.
+    let started = SystemTime::now() - Duration::from_secs(2);
     let mut command = cargo_bench();
     for bench in CRITERION_BENCHES {
         command.args(["--bench", bench]);
@@ -240,8 +243,14 @@ mod tests {
             &old.join("estimates.json"),
             r#"{"median":{"point_estimate":1.0}}"#,
         );
-        std::thread::sleep(Duration::from_millis(20));
-        let since = SystemTime::now();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(old.join("estimates.json"))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        let since = an_hour_ago + Duration::from_secs(60);
         let fresh = root.join("scheduler/10k_pending/new");
         write(
             &fresh.join("benchmark.json"),

@@ -141,8 +141,9 @@ limits:
     command stream); virtio_gpu puts every context on one fence timeline and signals in order
   - device error is the engine's timer (timerfd, 1 ns slack) plus its wake-up on a loaded 2-core host;
     guest error adds the virtqueue, the interrupt and fence-hammer's poll() wake-up
-  - backend CPU per 1000 fences includes the run's idle boot time and, for fencelab-device, its trace and
-    debug log; the in-process figure excludes the guest entirely
+  - backend CPU per 1000 fences counts from the workload's start (/proc stat, 10 ms ticks) to the backend's
+    exit, so it includes the guest's power-off and, for fencelab-device, its trace and debug log; the
+    in-process figure excludes the guest entirely
   - criterion figures vary by about ±10–15 % on this shared machine
 ";
 

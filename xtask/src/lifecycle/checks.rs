@@ -1,108 +1,25 @@
-//! The lifecycle checks. Each starts its own fencelab-device in a private
-//! socket folder, boots at most one guest at a time, and returns what it
-//! established; an early-boot stall (`guest::EARLY_BOOT_STALL`) is retried
-//! like every other boot's.
+//! The lifecycle checks. They boot at most one guest at a time and return
+//! what they established; an early-boot stall (`guest::EARLY_BOOT_STALL`)
+//! is retried like every other boot's. `system-reset` runs on the device
+//! that `backend-killed` restarted (with `--reconnect`): the restarted
+//! backend must serve the next QEMU as well as a fresh one.
 
+use super::backend::Backend;
 use super::machine::{Machine, Waited};
 use super::{Prepared, Verdict};
-use crate::boot::{self, DeviceSpec, Driver, Faults, SocketDir};
+use crate::boot::{Driver, SocketDir};
 use crate::console::{self, BOOT_MARKER, RESULT_MARKER};
 use crate::guest::{self, Attempt};
 use crate::qemu::Extras;
 use crate::qmp::Qmp;
-use crate::report::{DeviceSummary, EarlyBootStall};
-use crate::supervise::Supervised;
-use anyhow::{Context, Result, bail};
+use crate::report::EarlyBootStall;
+use anyhow::{Result, bail};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Up to the workload: a TCG boot takes 30–60 s, more on a loaded host.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// A fencelab-device in a socket folder of its own.
-struct Backend {
-    sockets: SocketDir,
-    process: Supervised,
-}
-
-impl Backend {
-    fn gpu_socket(&self) -> PathBuf {
-        self.sockets.path().join("gpu.sock")
-    }
-
-    fn control_socket(&self) -> PathBuf {
-        self.sockets.path().join("ctl.sock")
-    }
-
-    /// Starts the device with `latency`, logging to `log`, in `sockets`
-    /// (a fresh folder, or the one of a device it replaces).
-    fn start(prepared: &Prepared, sockets: SocketDir, latency: &str, log: &Path) -> Result<Self> {
-        let socket = sockets.path().join("gpu.sock");
-        let control = sockets.path().join("ctl.sock");
-        let trace = log.with_extension("trace.jsonl");
-        let mut process = boot::start_device(&DeviceSpec {
-            binary: &prepared.device_bin,
-            socket: &socket,
-            control_socket: &control,
-            faults: Faults::Latency(latency),
-            seed: Some(1),
-            trace: &trace,
-            log,
-        })?;
-        // The device removes a dead one's socket and binds its own: wait
-        // until something accepts on it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&control).is_err() {
-            if let Some(status) = process.try_status()? {
-                bail!(
-                    "fencelab-device exited before listening ({status}):\n{}",
-                    boot::device_log_tail(log)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "fencelab-device did not listen on {} within 10 s",
-                    control.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self { sockets, process })
-    }
-
-    /// The device's live statistics (`{"cmd":"stats"}` on the control socket).
-    fn stats(&self) -> Result<Value> {
-        let path = self.control_socket();
-        let mut stream = UnixStream::connect(&path)
-            .with_context(|| format!("connecting to {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        writeln!(stream, r#"{{"cmd":"stats"}}"#)?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        let reply: Value = serde_json::from_str(&line)
-            .with_context(|| format!("control socket reply {line:?}"))?;
-        Ok(reply["stats"].clone())
-    }
-
-    /// Fences the device has taken so far (0 when it cannot be asked).
-    fn submitted(&self) -> u64 {
-        self.stats()
-            .ok()
-            .and_then(|s| s["accounting"]["submitted"].as_u64())
-            .unwrap_or(0)
-    }
-
-    /// Fences the device holds right now (0 when it cannot be asked).
-    fn outstanding(&self) -> u64 {
-        self.stats()
-            .ok()
-            .and_then(|s| s["fences_outstanding"].as_u64())
-            .unwrap_or(0)
-    }
-}
 
 /// QEMU with `reconnect-ms` on the GPU chardev: vhost-user-gpu-pci cannot
 /// start (see the module docs of `lifecycle`). The check proves QEMU still
@@ -157,12 +74,17 @@ pub fn reconnect_ms(prepared: &Prepared) -> Result<Verdict> {
 /// 30 s, so none is left to its own timeout); every fence submitted after
 /// the kill meets the same end, which is why the workload is 16 fences.
 /// The guest powers off normally and QEMU exits 0; the restarted device
-/// never sees a connection.
-pub fn backend_killed(prepared: &Prepared) -> Result<Verdict> {
-    retry("lifecycle backend-killed", || backend_killed_once(prepared))
+/// (`--reconnect`, returned for [`system_reset`]) never sees a connection.
+pub fn backend_killed(prepared: &Prepared) -> Result<(Verdict, Backend)> {
+    let ((mut verdict, restarted), stalls) =
+        guest::retry_early_boot_stalls("lifecycle backend-killed", || {
+            backend_killed_once(prepared)
+        })?;
+    note_stalls(&mut verdict, stalls.len());
+    Ok((verdict, restarted))
 }
 
-fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
+fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<(Verdict, Backend)>> {
     // 1 s per fence: the ones in flight are still there when the kill lands.
     let (run_dir, mut verdict, mut first) = begin(prepared, "lifecycle-backend-killed", "1s")?;
     let spec = prepared.guest(
@@ -179,9 +101,14 @@ fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
     first.process.kill()?;
     let killed = first.process.wait_for(Duration::from_secs(5))?;
     verdict.check(killed.is_some(), || "the killed device did not die".into());
-    let restarted_log = run_dir.join("device-restarted.log");
     let Backend { sockets, .. } = first;
-    let mut restarted = Backend::start(prepared, sockets, "0", &restarted_log)?;
+    let restarted = Backend::start(
+        prepared,
+        sockets,
+        RESET_LATENCY,
+        &run_dir.join("device-restarted.log"),
+        true,
+    )?;
     verdict.notes.push(format!(
         "fencelab-device SIGKILLed with {in_flight} fence(s) in flight, restarted on the same socket"
     ));
@@ -212,40 +139,59 @@ fn backend_killed_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
             run_dir.display()
         )),
     }
-    let reconnected = std::fs::read_to_string(&restarted_log)
+    let reconnected = std::fs::read_to_string(&restarted.log)
         .unwrap_or_default()
         .contains("frontend connected");
     verdict.check(!reconnected, || {
         "QEMU connected to the restarted device: vhost-user-gpu reconnects now; extend this check \
-         (the next workload should pass) and backend-crash.toml"
+         (the lost fences might complete) and backend-crash.toml"
             .into()
     });
-    let stopped = restarted.process.stop(Duration::from_secs(3))?;
-    verdict.check(stopped.success(), || {
-        format!("the restarted device did not exit 0 on SIGTERM: {stopped}")
-    });
-    let commands = DeviceSummary::from_log(&restarted_log).map(|s| s.commands);
-    verdict.check(commands == Some(Value::from(0)), || {
-        format!("the restarted device's summary: commands {commands:?}, expected 0")
+    let commands = restarted.stats().map(|s| s["commands"].clone());
+    verdict.check(matches!(&commands, Ok(c) if *c == 0), || {
+        format!("the restarted device's commands: {commands:?}, expected 0")
     });
     verdict.notes.push(format!(
         "QEMU never reconnected (the restarted device served 0 commands); QEMU said: {}",
         one_line(&machine.qemu_log())
     ));
-    Ok(Attempt::Done(verdict))
+    Ok(Attempt::Done((verdict, restarted)))
 }
 
-/// QMP `system_reset` with fences in flight; upstream virtio_gpu.
+/// QMP `system_reset` with fences in flight; upstream virtio_gpu; on
+/// `restarted`, the device `backend_killed` left (a fresh `--reconnect`
+/// device if that check failed).
 ///
 /// Expected, and why: the reset stops the vhost device (QEMU's
 /// `vhost_user_gpu_reset` → `vhost_dev_stop` → `GET_VRING_BASE`, where the
 /// device completes what it holds), the connection stays, the guest reboots
 /// (QEMU runs without `-no-reboot` here), and the init runs the workload
 /// again against the same device: that second run must pass, with no splat
-/// in either boot, and the device must account for every fence.
-pub fn system_reset(prepared: &Prepared) -> Result<Verdict> {
-    retry("lifecycle system-reset", || system_reset_once(prepared))
+/// in either boot. When QEMU exits the `--reconnect` device keeps serving;
+/// its SIGTERM summary counts the connection and every fence completed.
+pub fn system_reset(prepared: &Prepared, restarted: Option<Backend>) -> Result<Verdict> {
+    let run_dir = guest::new_run_dir("lifecycle-system-reset")?;
+    let mut backend = match restarted {
+        Some(backend) => backend,
+        None => Backend::start(
+            prepared,
+            SocketDir::create()?,
+            RESET_LATENCY,
+            &run_dir.join("device.log"),
+            true,
+        )?,
+    };
+    let (mut verdict, stalls) = guest::retry_early_boot_stalls("lifecycle system-reset", || {
+        system_reset_once(prepared, &backend, &run_dir)
+    })?;
+    note_stalls(&mut verdict, stalls.len());
+    // One connection per boot attempt, each ended by QEMU's exit.
+    verdict_on_device(&mut backend, stalls.len() as u64 + 1, &mut verdict)?;
+    Ok(verdict)
 }
+
+/// The device's latency in `system-reset`.
+const RESET_LATENCY: &str = "2ms";
 
 /// Fences each boot's workload submits: several seconds of work under TCG,
 /// so the reset lands mid-flight.
@@ -253,8 +199,15 @@ const RESET_FENCES: u64 = 3000;
 /// The reset comes once the device has taken this many.
 const RESET_AFTER: u64 = 200;
 
-fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
-    let (run_dir, mut verdict, mut backend) = begin(prepared, "lifecycle-system-reset", "2ms")?;
+fn system_reset_once(
+    prepared: &Prepared,
+    backend: &Backend,
+    run_dir: &Path,
+) -> Result<Attempt<Verdict>> {
+    let mut verdict = Verdict {
+        run_dir: Some(run_dir.to_owned()),
+        ..Verdict::default()
+    };
     let spec = prepared.guest(
         &backend.gpu_socket(),
         Driver::VirtioGpu,
@@ -266,16 +219,17 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
         allow_reboot: true,
         ..Extras::default()
     };
-    let mut machine = Machine::launch(&spec, &extras, &run_dir)?;
+    let mut machine = Machine::launch(&spec, &extras, run_dir)?;
     let mut qmp = Qmp::connect(&qmp_socket, Duration::from_secs(10))?;
-    let in_flight = |_: &str| backend.submitted() >= RESET_AFTER;
-    if let Some(stall) = boot_until(&mut machine, &run_dir, "fences in flight", in_flight)? {
+    let submitted_before = backend.submitted();
+    let in_flight = |_: &str| backend.submitted() >= submitted_before + RESET_AFTER;
+    if let Some(stall) = boot_until(&mut machine, run_dir, "fences in flight", in_flight)? {
         return Ok(Attempt::Stalled(stall));
     }
-    let before = backend.submitted();
+    let before = backend.submitted() - submitted_before;
     qmp.execute("system_reset")?;
     verdict.notes.push(format!(
-        "QMP system_reset after the device had taken {before} fences"
+        "QMP system_reset after the device had taken {before} fences of this guest"
     ));
 
     let rebooted = |console: &str| console.matches(BOOT_MARKER).count() >= 2;
@@ -344,35 +298,46 @@ fn system_reset_once(prepared: &Prepared) -> Result<Attempt<Verdict>> {
                 .push("the rebooted guest printed no result line".into()),
         }
     }
-    let exited = backend.process.wait_for(Duration::from_secs(10))?;
-    if exited.is_none() {
+    Ok(Attempt::Done(verdict))
+}
+
+/// The `--reconnect` device once its QEMU has exited: still serving, and
+/// its SIGTERM summary counts `connections` and every fence completed.
+fn verdict_on_device(backend: &mut Backend, connections: u64, verdict: &mut Verdict) -> Result<()> {
+    // Time to see the disconnect and end the connection.
+    let exited = backend.process.wait_for(Duration::from_secs(2))?;
+    verdict.check(exited.is_none(), || {
+        format!("the --reconnect device exited when QEMU left ({exited:?})")
+    });
+    let status = backend.process.stop(Duration::from_secs(5))?;
+    verdict.check(status.success(), || {
+        format!("the device did not exit 0 on SIGTERM: {status}")
+    });
+    let Some(summary) = backend.summary() else {
         verdict
             .failures
-            .push("fencelab-device did not exit after QEMU disconnected".into());
-        backend.process.stop(Duration::from_secs(3))?;
-    }
-    match DeviceSummary::from_log(&run_dir.join("device.log")) {
-        Some(device) => {
-            verdict.check(
-                device.fences_completed == device.fences_submitted
-                    && device.fences_submitted > RESET_FENCES,
-                || {
-                    format!(
-                        "device accounting: {} fences submitted, {} completed (expected all of more than {RESET_FENCES})",
-                        device.fences_submitted, device.fences_completed
-                    )
-                },
-            );
-            verdict.notes.push(format!(
-                "one backend connection across the reset: the device completed all {} fences",
-                device.fences_submitted
-            ));
-        }
-        None => verdict
-            .failures
-            .push("fencelab-device printed no summary".into()),
-    }
-    Ok(Attempt::Done(verdict))
+            .push(format!("no summary in {}", backend.log.display()));
+        return Ok(());
+    };
+    let count = |key: &str| summary[key].as_u64().unwrap_or(0);
+    let (submitted, completed) = (count("fences_submitted"), count("fences_completed"));
+    verdict.check(count("connections") == connections, || {
+        format!(
+            "the device counted {} ended connection(s), expected {connections}",
+            summary["connections"]
+        )
+    });
+    verdict.check(completed == submitted && submitted > RESET_FENCES, || {
+        format!(
+            "device accounting: {submitted} fences submitted, {completed} completed \
+             (expected all of more than {RESET_FENCES})"
+        )
+    });
+    verdict.notes.push(format!(
+        "the restarted device (--reconnect) kept serving after QEMU left; at SIGTERM: \
+         {connections} connection(s), all {submitted} fences completed"
+    ));
+    Ok(())
 }
 
 /// A check's run folder, its verdict so far, and a fresh device with
@@ -388,6 +353,7 @@ fn begin(prepared: &Prepared, name: &str, latency: &str) -> Result<(PathBuf, Ver
         SocketDir::create()?,
         latency,
         &run_dir.join("device.log"),
+        false,
     )?;
     Ok((run_dir, verdict, backend))
 }
@@ -423,16 +389,13 @@ fn powered_off(machine: &mut Machine, timeout: Duration, verdict: &mut Verdict) 
     Ok(())
 }
 
-/// Runs `attempt` again after an early-boot stall, as every boot does.
-fn retry(what: &str, attempt: impl FnMut() -> Result<Attempt<Verdict>>) -> Result<Verdict> {
-    let (mut verdict, stalls) = guest::retry_early_boot_stalls(what, attempt)?;
-    if !stalls.is_empty() {
-        verdict.notes.push(format!(
-            "booted again after {} early-boot stall(s)",
-            stalls.len()
-        ));
+/// Says when a check needed more than one boot attempt.
+fn note_stalls(verdict: &mut Verdict, stalls: usize) {
+    if stalls > 0 {
+        verdict
+            .notes
+            .push(format!("booted again after {stalls} early-boot stall(s)"));
     }
-    Ok(verdict)
 }
 
 fn splats(report: &console::ConsoleReport, verdict: &mut Verdict) {
