@@ -64,9 +64,6 @@ enum Command {
     Bench(bench::BenchArgs),
     /// cargo-fuzz targets: `--smoke` (seconds per target) or one target for `--duration`.
     Fuzz(fuzz::FuzzArgs),
-    /// TEMPORARY H4: the lifecycle stage alone.
-    #[command(hide = true)]
-    LifecycleOnly,
     /// The test suite: unit tests, boots (smoke, plans, every scenario, injected bugs, soak), KUnit.
     Test(test::TestArgs),
 }
@@ -101,7 +98,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Scenario(args) => scenario::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Test(args) => test::run(&args),
-        Command::LifecycleOnly => lifecycle::run(),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
