@@ -386,6 +386,35 @@ pub fn build(toolchain: &Toolchain, args: &KernelArgs) -> Result<Kernel> {
     cached(&out)?.context("the kernel just built is not readable from the cache")
 }
 
+/// A cold kernel build on record: how long it took, which cache entry,
+/// and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdBuild {
+    pub secs: f64,
+    pub key16: String,
+    pub built_at: String,
+}
+
+/// The most recent cold build recorded in `<cache>/kernel/*/build.json`.
+/// A later kernel built incrementally on the same build folder (a patch
+/// changed) records none of its own, so this is what a fresh machine of
+/// this kind costs.
+pub fn latest_cold_build(kernel_cache: &Path) -> Option<ColdBuild> {
+    let entries = fs::read_dir(kernel_cache).ok()?;
+    entries
+        .filter_map(|entry| {
+            let dir = entry.ok()?.path();
+            let text = fs::read_to_string(dir.join("build.json")).ok()?;
+            let record: BuildJson = serde_json::from_str(&text).ok()?;
+            Some(ColdBuild {
+                secs: record.cold_build_secs?,
+                key16: dir.file_name()?.to_string_lossy().into_owned(),
+                built_at: record.built_at,
+            })
+        })
+        .max_by(|a, b| a.built_at.cmp(&b.built_at))
+}
+
 fn last_line(text: &str) -> String {
     text.lines()
         .rev()
@@ -848,6 +877,37 @@ pub fn external_module_command(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_latest_cold_build_on_record_is_found_across_keys() {
+        let cache = std::env::temp_dir().join(format!("fencelab-cold-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&cache);
+        let record = |key16: &str, cold: Option<f64>, at: &str| {
+            let dir = cache.join(key16);
+            fs::create_dir_all(&dir).unwrap();
+            let json = serde_json::json!({
+                "key": key16, "kernel_release": "7.3.4", "config_sha256": "00",
+                "cold_build_secs": cold, "build_secs": 60.0, "built_at": at,
+                "inputs": {"recipe": 1, "linux_package_version": "v", "fragment_sha256": "f",
+                           "patches": [], "rustc": "r", "clang": "c", "bindgen": "b"}
+            });
+            fs::write(dir.join("build.json"), json.to_string()).unwrap();
+        };
+        assert_eq!(latest_cold_build(&cache), None, "no cache folder");
+        record("aaaa", Some(900.0), "2026-11-20T05:00:00Z");
+        record("bbbb", Some(990.5), "2026-11-21T05:00:00Z");
+        record("cccc", None, "2026-11-21T09:00:00Z"); // incremental, later
+        fs::create_dir_all(cache.join("build")).unwrap(); // the shared build folder
+        assert_eq!(
+            latest_cold_build(&cache),
+            Some(ColdBuild {
+                secs: 990.5,
+                key16: "bbbb".into(),
+                built_at: "2026-11-21T05:00:00Z".into()
+            })
+        );
+        fs::remove_dir_all(&cache).unwrap();
+    }
     use super::*;
 
     fn inputs() -> KeyInputs {

@@ -200,7 +200,14 @@ pub fn render(f: &Figures) -> String {
         vec![
             "cold kernel build".into(),
             or_dash(f.boot.cold_kernel_build_s, |s| {
-                format!("{}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
+                format!(
+                    "{}{}",
+                    crate::cmd::human_duration(std::time::Duration::from_secs_f64(s)),
+                    f.boot
+                        .cold_kernel_build_record
+                        .as_ref()
+                        .map_or(String::new(), |r| format!(" ({r})"))
+                )
             }),
         ],
     ]);
