@@ -32,6 +32,25 @@ pub struct RoundTrip {
     pub error: Option<String>,
 }
 
+impl RoundTrip {
+    /// The row of a configuration before its run.
+    pub(super) fn unmeasured(backend: Backend, driver: &'static str, timelines: u32) -> Self {
+        Self {
+            backend,
+            driver,
+            timelines,
+            fences: 0,
+            fences_per_s: None,
+            rtt_us: RttUs::default(),
+            backend_cpu_ms_per_1000_fences: None,
+            backend_peak_rss_kib: None,
+            qemu_to_workload_ms: None,
+            run_dir: None,
+            error: None,
+        }
+    }
+}
+
 /// Guest-observed against injected latency for one fixed latency.
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyAccuracy {
@@ -138,19 +157,7 @@ fn boot(args: &BootArgs) -> Result<Summary, (String, Option<PathBuf>)> {
 
 fn round_trip(spec: RoundTripSpec, fences: u32) -> (RoundTrip, Option<Summary>) {
     let args = boot_args(spec.backend, spec.driver, spec.timelines, fences, "0");
-    let mut row = RoundTrip {
-        backend: spec.backend,
-        driver: spec.driver.module(),
-        timelines: spec.timelines,
-        fences: 0,
-        fences_per_s: None,
-        rtt_us: RttUs::default(),
-        backend_cpu_ms_per_1000_fences: None,
-        backend_peak_rss_kib: None,
-        qemu_to_workload_ms: None,
-        run_dir: None,
-        error: None,
-    };
+    let mut row = RoundTrip::unmeasured(spec.backend, spec.driver.module(), spec.timelines);
     match boot(&args) {
         Err((error, run_dir)) => {
             row.error = Some(error);
@@ -464,17 +471,8 @@ mod tests {
     #[test]
     fn the_headline_is_one_timeline_through_virtio_gpu_and_the_ratio_needs_both() {
         let row = |backend, driver, timelines, per_s| RoundTrip {
-            backend,
-            driver,
-            timelines,
-            fences: 100,
             fences_per_s: Some(per_s),
-            rtt_us: RttUs::default(),
-            backend_cpu_ms_per_1000_fences: None,
-            backend_peak_rss_kib: None,
-            qemu_to_workload_ms: None,
-            run_dir: None,
-            error: None,
+            ..RoundTrip::unmeasured(backend, driver, timelines)
         };
         let mut figures = Figures {
             round_trip: vec![

@@ -1,8 +1,10 @@
 //! The bench's printed table: one section per item of issue 7, each with
 //! what limits its figures.
 
+use super::guest_runs::ErrorUs;
 use super::{Figures, LatencyAccuracy, RoundTrip};
 use crate::latency::human_us;
+use fencelab_report::RttUs;
 use std::fmt::Write;
 
 /// Left-aligned columns, two spaces apart, each row indented by two.
@@ -42,34 +44,39 @@ fn us(value: Option<f64>) -> String {
     })
 }
 
+/// `p50 / p99 / max` of round trips.
+fn rtt_triple(rtt: &RttUs) -> String {
+    let at = |v: Option<u64>| us(v.map(|v| v as f64));
+    format!("{} / {} / {}", at(rtt.p50), at(rtt.p99), at(rtt.max))
+}
+
+/// `p50 / p99 / max` of errors.
+fn error_triple(e: &ErrorUs) -> String {
+    format!("{} / {} / {}", us(e.p50), us(e.p99), us(e.max))
+}
+
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
 fn round_trip_rows(rows: &[RoundTrip]) -> String {
-    let mut table = vec![
-        [
-            "backend",
-            "guest driver",
-            "timelines",
-            "fences/s",
-            "round trip p50 / p99 / max",
-            "backend CPU per 1000 fences",
-            "backend peak RSS",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut table = vec![header(&[
+        "backend",
+        "guest driver",
+        "timelines",
+        "fences/s",
+        "round trip p50 / p99 / max",
+        "backend CPU per 1000 fences",
+        "backend peak RSS",
+    ])];
     let mut errors = String::new();
     for r in rows {
-        let rtt = |v: Option<u64>| us(v.map(|v| v as f64));
         table.push(vec![
             r.backend.name().into(),
             r.driver.into(),
             r.timelines.to_string(),
             or_dash(r.fences_per_s, |v| format!("{v:.0}")),
-            format!(
-                "{} / {} / {}",
-                rtt(r.rtt_us.p50),
-                rtt(r.rtt_us.p99),
-                rtt(r.rtt_us.max)
-            ),
+            rtt_triple(&r.rtt_us),
             or_dash(r.backend_cpu_ms_per_1000_fences, |v| format!("{v:.1} ms")),
             or_dash(r.backend_peak_rss_kib, |v| format!("{v} KiB")),
         ]);
@@ -90,39 +97,19 @@ fn round_trip_rows(rows: &[RoundTrip]) -> String {
 }
 
 fn latency_rows(rows: &[LatencyAccuracy]) -> String {
-    let mut table = vec![
-        [
-            "injected",
-            "guest round trip p50 / p99 / max",
-            "guest error p50 / p99 / max",
-            "device error p50 / p99 / max",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut table = vec![header(&[
+        "injected",
+        "guest round trip p50 / p99 / max",
+        "guest error p50 / p99 / max",
+        "device error p50 / p99 / max",
+    ])];
     let mut errors = String::new();
     for r in rows {
-        let rtt = |v: Option<u64>| us(v.map(|v| v as f64));
         table.push(vec![
             r.injected.clone(),
-            format!(
-                "{} / {} / {}",
-                rtt(r.guest_rtt_us.p50),
-                rtt(r.guest_rtt_us.p99),
-                rtt(r.guest_rtt_us.max)
-            ),
-            format!(
-                "{} / {} / {}",
-                us(r.guest_error_us.p50),
-                us(r.guest_error_us.p99),
-                us(r.guest_error_us.max)
-            ),
-            format!(
-                "{} / {} / {}",
-                us(r.device_error_us.p50),
-                us(r.device_error_us.p99),
-                us(r.device_error_us.max)
-            ),
+            rtt_triple(&r.guest_rtt_us),
+            error_triple(&r.guest_error_us),
+            error_triple(&r.device_error_us),
         ]);
         if let Some(error) = &r.error {
             let _ = writeln!(errors, "  ! {}: {error}", r.injected);
@@ -239,9 +226,7 @@ pub fn render(f: &Figures) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::guest_runs::ErrorUs;
     use crate::boot::Backend;
-    use fencelab_report::RttUs;
 
     #[test]
     fn columns_line_up_and_rows_may_be_short() {
@@ -255,9 +240,6 @@ mod tests {
     #[test]
     fn failed_runs_show_their_error_and_missing_figures_a_dash() {
         let ok = RoundTrip {
-            backend: Backend::Fencelab,
-            driver: "virtio_gpu",
-            timelines: 1,
             fences: 1000,
             fences_per_s: Some(312.4),
             rtt_us: RttUs {
@@ -267,18 +249,11 @@ mod tests {
             },
             backend_cpu_ms_per_1000_fences: Some(41.25),
             backend_peak_rss_kib: Some(9000),
-            qemu_to_workload_ms: Some(30000),
-            run_dir: None,
-            error: None,
+            ..RoundTrip::unmeasured(Backend::Fencelab, "virtio_gpu", 1)
         };
         let failed = RoundTrip {
-            backend: Backend::VhostDeviceGpu,
-            fences_per_s: None,
-            rtt_us: RttUs::default(),
-            backend_cpu_ms_per_1000_fences: None,
-            backend_peak_rss_kib: None,
             error: Some("QEMU exited".into()),
-            ..ok.clone()
+            ..RoundTrip::unmeasured(Backend::VhostDeviceGpu, "virtio_gpu", 1)
         };
         let text = round_trip_rows(&[ok, failed]);
         let lines: Vec<&str> = text.lines().collect();
