@@ -5,12 +5,22 @@
 //!   gives a plan with the same JSON and the same effect (seed, rescue,
 //!   boost, default actions, rules), and the TOML that JSON plan was built
 //!   from parses again to the same SHA-256;
+//! - a plan that parses decides fences without panicking, the same way
+//!   before and after the JSON round trip (a run replays from plan + seed),
+//!   with every reorder slot inside its block;
 //! - a refused plan says where: a line and column inside the text, and the
 //!   origin's name.
 
+use fencelab_device::decide::PlanDecider;
+use fencelab_device::fault::{Decide, Decision, FenceInfo, TimelineId};
 use fencelab_device::plan::Plan;
 
 const ORIGIN: &str = "fuzz.toml";
+/// Fences each valid plan decides: enough to fill and cross reorder blocks
+/// of a few timelines and to reach `every`/fence-range rules.
+const FENCES: u64 = 48;
+/// The seed used when the plan has none.
+const SEED: u64 = 1;
 
 pub fn check(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -44,6 +54,46 @@ fn check_round_trip(plan: &Plan) {
         .unwrap_or_else(|e| panic!("generated TOML refused: {e}\n{}", again.source()));
     assert_eq!(third.sha256_hex(), again.sha256_hex());
     assert_same_effect(plan, &third);
+    assert_eq!(
+        decisions(plan),
+        decisions(&again),
+        "decisions changed on the JSON round trip"
+    );
+}
+
+/// The fence the decider sees `i`-th: three timelines, two commands.
+fn fence(i: u64) -> FenceInfo {
+    FenceInfo {
+        timeline: TimelineId {
+            ctx: (i % 3) as u32,
+            ring: 0,
+        },
+        fence_id: i + 1,
+        index: i / 3,
+        command: if i % 5 == 4 {
+            "RESOURCE_FLUSH"
+        } else {
+            "SUBMIT_3D"
+        },
+        work_ns: i * 1_000,
+    }
+}
+
+/// What `plan` decides for [`FENCES`] fences.
+fn decisions(plan: &Plan) -> Vec<Decision> {
+    let mut decider = PlanDecider::new(plan.clone(), plan.seed().unwrap_or(SEED));
+    (0..FENCES)
+        .map(|i| {
+            let d = decider.decide(&fence(i));
+            if let Some(slot) = &d.reorder {
+                assert!(
+                    slot.rank < slot.size && slot.position < slot.size,
+                    "reorder slot outside its block: {slot:?}"
+                );
+            }
+            d
+        })
+        .collect()
 }
 
 fn assert_same_effect(a: &Plan, b: &Plan) {
