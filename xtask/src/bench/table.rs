@@ -139,10 +139,17 @@ pub fn render(f: &Figures) -> String {
     if !f.round_trip.is_empty() {
         out += "fence round trip (zero injected latency, one fence in flight per timeline)\n";
         out += &round_trip_rows(&f.round_trip);
+        let ratio = |timelines| {
+            or_dash(
+                super::guest_runs::ratio_to_peer(&f.round_trip, timelines),
+                |r| format!("{r:.2}×"),
+            )
+        };
         let _ = writeln!(
             out,
-            "  fencelab-device / vhost-device-gpu, 1 timeline through virtio_gpu: {}",
-            or_dash(f.fencelab_to_peer_ratio, |r| format!("{r:.2}×"))
+            "  fences/s of fencelab-device over vhost-device-gpu through virtio_gpu: {} on 1 timeline, {} on 4",
+            ratio(1),
+            ratio(4)
         );
     }
     if !f.latency.is_empty() {
