@@ -303,16 +303,18 @@ impl Fuzz {
             .arg(merged)
             .arg(self.corpus(target))
             .arg(scratch)
-            .args(["--", "-set_cover_merge=1"])
+            .args(["--", "-set_cover_merge=1", "-use_counters=0"])
             .arg(format!("-artifact_prefix={}/", dir.display()));
         c
     }
 
     /// Minimises the committed corpus plus `scratch` into a fresh folder
     /// and puts it in place of `fuzz/corpus/TARGET`. libFuzzer's
-    /// `-set_cover_merge=1` keeps a small set of inputs that together cover
-    /// every feature the others reach (plain `-merge=1` keeps several
-    /// hundred inputs per target, too many for the repository).
+    /// `-set_cover_merge=1 -use_counters=0` keeps a small set of inputs
+    /// that together reach every edge the others reach, ignoring hit
+    /// counts: on the gpu target after 10 minutes, 107 files / 76 KB, where
+    /// `-merge=1` kept 904 files / 840 KB (hit-count variety comes back
+    /// within seconds of fuzzing; the repository keeps the edges).
     fn merge(&self, target: &str, scratch: &Path, dir: &Path) -> Result<()> {
         let corpus = self.corpus(target);
         let merged = dir.join("merged").join(target);
@@ -675,6 +677,7 @@ mod tests {
                 "/r/corpus",
                 "--",
                 "-set_cover_merge=1",
+                "-use_counters=0",
                 "-artifact_prefix=/r/",
             ]
         );
