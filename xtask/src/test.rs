@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the README's test command and what CI runs. The
-//! workspace's unit tests first (fast, no QEMU), then a real boot smoke test
+//! workspace's unit tests first (fast, no QEMU), a few seconds of fuzzing
+//! of each fuzz target after replaying its corpus, then a real boot smoke test
 //! (a Linux 7.3 guest sends fenced work through QEMU to fencelab-device),
 //! a boot with each example fault plan, every scenario of the catalogue on
 //! both drivers, each injected driver bug (which must be caught), a short
@@ -15,7 +16,7 @@ use std::process::Command;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TestArgs {
-    /// Only the unit tests; skip building the kernel and booting guests.
+    /// Only the unit tests; skip the fuzz smoke, the kernel and the boots.
     #[arg(long)]
     pub no_boot: bool,
 }
@@ -23,9 +24,11 @@ pub struct TestArgs {
 pub fn run(args: &TestArgs) -> Result<()> {
     unit_tests()?;
     if args.no_boot {
-        eprintln!("test: boot smoke test skipped (--no-boot)");
+        eprintln!("test: fuzz smoke and boots skipped (--no-boot)");
         return Ok(());
     }
+    eprintln!("test: fuzz smoke (cargo xtask fuzz --smoke)");
+    crate::fuzz::smoke()?;
     eprintln!("test: boot smoke test (cargo xtask boot --workload smoke)");
     let boot_args = BootArgs::default();
     let summary = boot::execute(&boot_args)?;
@@ -49,19 +52,32 @@ pub fn run(args: &TestArgs) -> Result<()> {
 }
 
 fn unit_tests() -> Result<()> {
+    cargo_test(&["--workspace"], "cargo test --workspace")?;
+    // The fuzz targets' properties are plain functions with tests of their
+    // own; the fuzz crate is a workspace of its own (cargo-fuzz's layout).
+    cargo_test(
+        &["--manifest-path", "fuzz/Cargo.toml"],
+        "cargo test --manifest-path fuzz/Cargo.toml",
+    )
+}
+
+fn cargo_test(args: &[&str], what: &str) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
-        .args(["test", "--workspace"])
+        .arg("test")
+        .args(args)
         .current_dir(paths::workspace_root());
     // CI must test exactly the dependency versions that were committed.
     if std::env::var_os("CI").is_some() {
         command.arg("--locked");
     }
-    eprintln!("test: cargo test --workspace");
-    let status = command.status().context("running cargo test")?;
+    eprintln!("test: {what}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {what}"))?;
     if !status.success() {
-        bail!("unit tests failed ({status})");
+        bail!("unit tests failed: {what} ({status})");
     }
     Ok(())
 }
