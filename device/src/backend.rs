@@ -335,7 +335,8 @@ impl FencelabGpu {
                 }
                 let ranges = MemRanges(mem);
                 let outcome = lock(&self.gpu).execute(&hdr, cmd, &ranges);
-                if let Some(e) = &outcome.error {
+                // Cap refusals are logged by `Gpu` itself, rate-limited.
+                if let Some(e) = outcome.error.as_ref().filter(|e| !e.logged_by_gpu()) {
                     warn!(
                         queue,
                         cmd = type_name(hdr.type_),

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use thiserror::Error;
-use tracing::debug;
+use tracing::{debug, warn};
 use vm_memory::ByteValued;
 
 use crate::decode::Command;
@@ -26,6 +26,94 @@ pub const NUM_CAPSETS: u32 = 0;
 const BPP: u64 = 4;
 /// Bytes a fencelab `WRITE` op stores: its `u64` value, little-endian.
 pub const WRITE_LEN: u64 = 8;
+
+/// Most resources alive at once. Each costs the host about 100 bytes plus
+/// its backing list. The Linux virtio_gpu driver creates one per GEM object
+/// (a desktop session holds hundreds to a few thousand); fencelab_drm
+/// creates none, fence-hammer on virtio_gpu a handful (its `WRITE`
+/// read-back buffers). 16 384 is far above both and bounds the table to a
+/// few MiB.
+pub const MAX_RESOURCES: usize = 16_384;
+/// Most contexts alive at once. The virtio_gpu driver creates one per open
+/// DRM file; fencelab_drm one per timeline, at most 64 contexts of 64
+/// timelines per open file. 4 096 is one fencelab_drm file at its limits
+/// (fence-hammer's workloads default to 1 or 4 timelines); each costs
+/// about 200 bytes.
+pub const MAX_CONTEXTS: usize = 4_096;
+/// Most `MemEntry`s attached as backing, summed over all resources (16
+/// bytes each: 16 MiB at the cap). Drivers send one entry per contiguous
+/// run of guest pages, so this covers 4 GiB of 4 KiB pages, eight times
+/// the 512 MiB guest `cargo xtask boot` starts; without it a guest could
+/// make every resource carry `MAX_MEM_ENTRIES` (256 KiB of host memory).
+pub const MAX_BACKING_ENTRIES: usize = 1 << 20;
+/// Most (context, resource) attachments, summed over all contexts. The
+/// virtio_gpu driver attaches each GEM object to its file's one context
+/// (about one per resource); without a cap, [`MAX_CONTEXTS`] contexts each
+/// attaching [`MAX_RESOURCES`] resources would hold 64 Mi entries.
+pub const MAX_ATTACHMENTS: usize = 1 << 18;
+
+/// A bound on what a guest can make the device hold; exceeding one is
+/// answered with `VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Resources,
+    Contexts,
+    BackingEntries,
+    Attachments,
+}
+
+impl Cap {
+    /// The cap's value.
+    pub const fn max(self) -> usize {
+        match self {
+            Cap::Resources => MAX_RESOURCES,
+            Cap::Contexts => MAX_CONTEXTS,
+            Cap::BackingEntries => MAX_BACKING_ENTRIES,
+            Cap::Attachments => MAX_ATTACHMENTS,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cap::Resources => "live resources",
+            Cap::Contexts => "live contexts",
+            Cap::BackingEntries => "backing entries",
+            Cap::Attachments => "context attachments",
+        })
+    }
+}
+
+/// What the device holds for the guest, as counted against the [`Cap`]s.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub resources: usize,
+    pub contexts: usize,
+    pub backing_entries: usize,
+    pub attachments: usize,
+}
+
+impl Usage {
+    pub fn of(&self, cap: Cap) -> usize {
+        match cap {
+            Cap::Resources => self.resources,
+            Cap::Contexts => self.contexts,
+            Cap::BackingEntries => self.backing_entries,
+            Cap::Attachments => self.attachments,
+        }
+    }
+}
+
+/// Whether the `n`th refusal by one cap is logged: the 1st, 2nd, 4th, 8th…,
+/// so a guest flooding the device costs a log line per doubling.
+fn log_refusal(n: u64) -> bool {
+    n.is_power_of_two()
+}
 
 /// Whether guest-physical ranges exist in guest memory.
 pub trait GuestRanges {
@@ -97,6 +185,8 @@ pub enum GpuError {
         addr: u64,
         len: u64,
     },
+    #[error("{cap} cap: {have} in use, the request needs {want} more, at most {} allowed", cap.max())]
+    OverCap { cap: Cap, have: usize, want: usize },
 }
 
 impl GpuError {
@@ -109,6 +199,7 @@ impl GpuError {
             GpuError::NoSuchContext(_) | GpuError::ContextExists(_) => RESP_ERR_INVALID_CONTEXT_ID,
             GpuError::NoSuchScanout(_) => RESP_ERR_INVALID_SCANOUT_ID,
             GpuError::AlreadyBacked(_) => RESP_ERR_UNSPEC,
+            GpuError::OverCap { .. } => RESP_ERR_OUT_OF_MEMORY,
             GpuError::NoSuchCapset { .. }
             | GpuError::UnknownCapset { .. }
             | GpuError::BadFormat(_)
@@ -122,6 +213,12 @@ impl GpuError {
             | GpuError::WriteOutsideBacking { .. }
             | GpuError::WriteOutsideMemory { .. } => RESP_ERR_INVALID_PARAMETER,
         }
+    }
+
+    /// True when [`Gpu::execute`] already logged the error (rate-limited),
+    /// so the caller should not log it again per request.
+    pub fn logged_by_gpu(&self) -> bool {
+        matches!(self, GpuError::OverCap { .. })
     }
 }
 
@@ -261,12 +358,22 @@ pub struct Context {
 }
 
 /// The device's state.
+///
+/// # Invariants
+///
+/// `backing_entries` is the sum of the resources' backing lengths and
+/// `attachments` the sum of the contexts' resource set sizes; these and the
+/// table sizes stay within their [`Cap`]s.
 #[derive(Debug, Default)]
 pub struct Gpu {
     resources: HashMap<u32, Resource>,
     contexts: HashMap<u32, Context>,
     scanout: Option<u32>,
     cursor: Option<u32>,
+    backing_entries: usize,
+    attachments: usize,
+    /// Requests refused by each cap, by [`Cap::index`].
+    refused: [u64; 4],
 }
 
 impl Gpu {
@@ -282,6 +389,21 @@ impl Gpu {
         self.contexts.get(&id)
     }
 
+    /// What the device holds, as counted against the caps.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            resources: self.resources.len(),
+            contexts: self.contexts.len(),
+            backing_entries: self.backing_entries,
+            attachments: self.attachments,
+        }
+    }
+
+    /// Requests refused so far because they would have exceeded `cap`.
+    pub fn refused(&self, cap: Cap) -> u64 {
+        self.refused[cap.index()]
+    }
+
     /// The resource shown on scanout 0, if any.
     pub fn scanout(&self) -> Option<u32> {
         self.scanout
@@ -291,8 +413,36 @@ impl Gpu {
     pub fn execute(&mut self, hdr: &CtrlHdr, cmd: Command, mem: &dyn GuestRanges) -> Outcome {
         match self.run(hdr, cmd, mem) {
             Ok(outcome) => outcome,
-            Err(e) => Outcome::error_response(e.response_code()).with_error(e),
+            Err(e) => {
+                if let GpuError::OverCap { cap, .. } = e {
+                    self.note_refusal(cap, hdr, &e);
+                }
+                Outcome::error_response(e.response_code()).with_error(e)
+            }
         }
+    }
+
+    /// Counts a refusal by `cap` and logs it when [`log_refusal`] says so.
+    fn note_refusal(&mut self, cap: Cap, hdr: &CtrlHdr, e: &GpuError) {
+        let n = &mut self.refused[cap.index()];
+        *n += 1;
+        if log_refusal(*n) {
+            warn!(
+                cmd = type_name(hdr.type_),
+                ctx = hdr.ctx_id,
+                refused = *n,
+                "{e}: answered ERR_OUT_OF_MEMORY (refusals by this cap are logged at powers of two)"
+            );
+        }
+    }
+
+    /// Fails with [`GpuError::OverCap`] unless `want` more fit under `cap`.
+    fn room(&self, cap: Cap, want: usize) -> Result<(), GpuError> {
+        let have = self.usage().of(cap);
+        if have.saturating_add(want) > cap.max() {
+            return Err(GpuError::OverCap { cap, have, want });
+        }
+        Ok(())
     }
 
     fn run(
@@ -332,6 +482,7 @@ impl Gpu {
                         height: c.height,
                     });
                 }
+                self.room(Cap::Resources, 1)?;
                 self.resources.insert(
                     c.resource_id,
                     Resource {
@@ -347,6 +498,7 @@ impl Gpu {
                 if self.resources.contains_key(&c.resource_id) {
                     return Err(GpuError::ResourceExists(c.resource_id));
                 }
+                self.room(Cap::Resources, 1)?;
                 self.resources.insert(
                     c.resource_id,
                     Resource {
@@ -359,11 +511,15 @@ impl Gpu {
                 nodata()
             }
             Command::ResourceUnref { resource_id } => {
-                self.resources
+                let res = self
+                    .resources
                     .remove(&resource_id)
                     .ok_or(GpuError::NoSuchResource(resource_id))?;
+                self.backing_entries -= res.backing.map_or(0, |b| b.len());
                 for ctx in self.contexts.values_mut() {
-                    ctx.resources.remove(&resource_id);
+                    if ctx.resources.remove(&resource_id) {
+                        self.attachments -= 1;
+                    }
                 }
                 if self.scanout == Some(resource_id) {
                     self.scanout = None;
@@ -429,7 +585,9 @@ impl Gpu {
                         });
                     }
                 }
+                self.room(Cap::BackingEntries, entries.len())?;
                 if let Some(res) = self.resources.get_mut(&resource_id) {
+                    self.backing_entries += entries.len();
                     res.backing = Some(entries);
                 }
                 nodata()
@@ -439,7 +597,8 @@ impl Gpu {
                     .resources
                     .get_mut(&resource_id)
                     .ok_or(GpuError::NoSuchResource(resource_id))?;
-                res.backing.take().ok_or(GpuError::NotBacked(resource_id))?;
+                let backing = res.backing.take().ok_or(GpuError::NotBacked(resource_id))?;
+                self.backing_entries -= backing.len();
                 nodata()
             }
             Command::CtxCreate {
@@ -449,6 +608,7 @@ impl Gpu {
                 if hdr.ctx_id == 0 || self.contexts.contains_key(&hdr.ctx_id) {
                     return Err(GpuError::ContextExists(hdr.ctx_id));
                 }
+                self.room(Cap::Contexts, 1)?;
                 debug!(ctx = hdr.ctx_id, name = %debug_name, "context created");
                 self.contexts.insert(
                     hdr.ctx_id,
@@ -461,19 +621,27 @@ impl Gpu {
                 nodata()
             }
             Command::CtxDestroy => {
-                self.contexts
+                let ctx = self
+                    .contexts
                     .remove(&hdr.ctx_id)
                     .ok_or(GpuError::NoSuchContext(hdr.ctx_id))?;
+                self.attachments -= ctx.resources.len();
                 nodata()
             }
             Command::CtxAttachResource { resource_id } => {
                 self.get(resource_id)?;
-                self.ctx_mut(hdr.ctx_id)?.resources.insert(resource_id);
+                if !self.ctx_mut(hdr.ctx_id)?.resources.contains(&resource_id) {
+                    self.room(Cap::Attachments, 1)?;
+                    self.ctx_mut(hdr.ctx_id)?.resources.insert(resource_id);
+                    self.attachments += 1;
+                }
                 nodata()
             }
             Command::CtxDetachResource { resource_id } => {
                 self.get(resource_id)?;
-                self.ctx_mut(hdr.ctx_id)?.resources.remove(&resource_id);
+                if self.ctx_mut(hdr.ctx_id)?.resources.remove(&resource_id) {
+                    self.attachments -= 1;
+                }
                 nodata()
             }
             Command::TransferToHost3d(t) | Command::TransferFromHost3d(t) => {
@@ -1508,5 +1676,188 @@ mod tests {
             code(&mut gpu, &req(hdr(CMD_MOVE_CURSOR), &[c.as_slice()])),
             RESP_ERR_INVALID_SCANOUT_ID
         );
+    }
+
+    /// Executes `cmd` in context `ctx`; returns the response code.
+    fn exec(gpu: &mut Gpu, ctx: u32, cmd: Command) -> u32 {
+        let h = CtrlHdr {
+            ctx_id: ctx,
+            ..CtrlHdr::default()
+        };
+        gpu.execute(&h, cmd, &Ram).response.code()
+    }
+
+    fn new_2d(id: u32) -> Command {
+        Command::ResourceCreate2d(ResourceCreate2d {
+            resource_id: id,
+            format: FORMAT_B8G8R8X8_UNORM,
+            width: 1,
+            height: 1,
+        })
+    }
+
+    fn new_ctx() -> Command {
+        Command::CtxCreate {
+            context_init: 0,
+            debug_name: String::new(),
+        }
+    }
+
+    fn attach_backing_of(resource_id: u32, n: usize) -> Command {
+        Command::ResourceAttachBacking {
+            resource_id,
+            entries: vec![entry(0x1000_0000, 4096); n],
+        }
+    }
+
+    /// The last refusal of `cap`, checked to have changed nothing.
+    fn assert_refused(gpu: &mut Gpu, ctx: u32, cmd: Command, cap: Cap) {
+        let (usage, refused) = (gpu.usage(), gpu.refused(cap));
+        assert_eq!(exec(gpu, ctx, cmd), RESP_ERR_OUT_OF_MEMORY, "{cap}");
+        assert_eq!(
+            gpu.usage(),
+            usage,
+            "a refusal by the {cap} cap changed nothing"
+        );
+        assert_eq!(gpu.refused(cap), refused + 1);
+    }
+
+    #[test]
+    fn resources_are_capped_and_unref_gives_the_room_back() {
+        let mut gpu = Gpu::new();
+        for id in 1..=MAX_RESOURCES as u32 {
+            assert_eq!(exec(&mut gpu, 0, new_2d(id)), RESP_OK_NODATA);
+        }
+        assert_eq!(gpu.usage().resources, MAX_RESOURCES);
+        let next = MAX_RESOURCES as u32 + 1;
+        assert_refused(&mut gpu, 0, new_2d(next), Cap::Resources);
+        let create_3d = || {
+            Command::ResourceCreate3d(ResourceCreate3d {
+                resource_id: next,
+                width: 1,
+                height: 1,
+                ..ResourceCreate3d::default()
+            })
+        };
+        assert_refused(&mut gpu, 0, create_3d(), Cap::Resources);
+        assert!(gpu.resource(next).is_none());
+        // An existing id is still answered as such, not as out of memory.
+        assert_eq!(exec(&mut gpu, 0, new_2d(1)), RESP_ERR_INVALID_RESOURCE_ID);
+        let e = gpu.execute(&CtrlHdr::default(), new_2d(next), &Ram).error;
+        assert_eq!(
+            e,
+            Some(GpuError::OverCap {
+                cap: Cap::Resources,
+                have: MAX_RESOURCES,
+                want: 1
+            })
+        );
+        assert!(e.unwrap().logged_by_gpu());
+        assert_eq!(
+            exec(&mut gpu, 0, Command::ResourceUnref { resource_id: 7 }),
+            RESP_OK_NODATA
+        );
+        assert_eq!(exec(&mut gpu, 0, create_3d()), RESP_OK_NODATA);
+        assert_refused(&mut gpu, 0, new_2d(7), Cap::Resources);
+    }
+
+    #[test]
+    fn contexts_are_capped_and_destroy_gives_the_room_back() {
+        let mut gpu = Gpu::new();
+        for ctx in 1..=MAX_CONTEXTS as u32 {
+            assert_eq!(exec(&mut gpu, ctx, new_ctx()), RESP_OK_NODATA);
+        }
+        let next = MAX_CONTEXTS as u32 + 1;
+        assert_refused(&mut gpu, next, new_ctx(), Cap::Contexts);
+        assert!(gpu.context(next).is_none());
+        assert_eq!(exec(&mut gpu, 1, new_ctx()), RESP_ERR_INVALID_CONTEXT_ID);
+        assert_eq!(exec(&mut gpu, 5, Command::CtxDestroy), RESP_OK_NODATA);
+        assert_eq!(exec(&mut gpu, next, new_ctx()), RESP_OK_NODATA);
+        assert_refused(&mut gpu, 5, new_ctx(), Cap::Contexts);
+    }
+
+    #[test]
+    fn backing_entries_are_capped_in_all_and_detach_and_unref_give_them_back() {
+        let mut gpu = Gpu::new();
+        let per = crate::decode::MAX_MEM_ENTRIES as usize;
+        let full = (MAX_BACKING_ENTRIES / per) as u32;
+        for id in 1..=full + 1 {
+            assert_eq!(exec(&mut gpu, 0, new_2d(id)), RESP_OK_NODATA);
+        }
+        for id in 1..=full {
+            assert_eq!(
+                exec(&mut gpu, 0, attach_backing_of(id, per)),
+                RESP_OK_NODATA
+            );
+        }
+        assert_eq!(gpu.usage().backing_entries, MAX_BACKING_ENTRIES);
+        let spare = full + 1;
+        assert_refused(
+            &mut gpu,
+            0,
+            attach_backing_of(spare, 1),
+            Cap::BackingEntries,
+        );
+        assert_eq!(gpu.resource(spare).unwrap().backing, None);
+        // Detaching gives back exactly what was attached.
+        let detach = Command::ResourceDetachBacking { resource_id: 1 };
+        assert_eq!(exec(&mut gpu, 0, detach), RESP_OK_NODATA);
+        assert_eq!(gpu.usage().backing_entries, MAX_BACKING_ENTRIES - per);
+        assert_eq!(
+            exec(&mut gpu, 0, attach_backing_of(spare, per)),
+            RESP_OK_NODATA
+        );
+        assert_refused(&mut gpu, 0, attach_backing_of(1, 1), Cap::BackingEntries);
+        // So does unref of a backed resource.
+        let unref = Command::ResourceUnref { resource_id: 2 };
+        assert_eq!(exec(&mut gpu, 0, unref), RESP_OK_NODATA);
+        assert_eq!(gpu.usage().backing_entries, MAX_BACKING_ENTRIES - per);
+        assert_eq!(exec(&mut gpu, 0, attach_backing_of(1, per)), RESP_OK_NODATA);
+        assert_eq!(gpu.usage().backing_entries, MAX_BACKING_ENTRIES);
+    }
+
+    #[test]
+    fn attachments_are_capped_and_detach_destroy_and_unref_give_them_back() {
+        let mut gpu = Gpu::new();
+        let resources = MAX_RESOURCES as u32;
+        let contexts = (MAX_ATTACHMENTS / MAX_RESOURCES) as u32;
+        for id in 1..=resources {
+            exec(&mut gpu, 0, new_2d(id));
+        }
+        for ctx in 1..=contexts + 1 {
+            exec(&mut gpu, ctx, new_ctx());
+        }
+        let attach = |resource_id| Command::CtxAttachResource { resource_id };
+        for ctx in 1..=contexts {
+            for id in 1..=resources {
+                assert_eq!(exec(&mut gpu, ctx, attach(id)), RESP_OK_NODATA);
+            }
+        }
+        assert_eq!(gpu.usage().attachments, MAX_ATTACHMENTS);
+        let spare = contexts + 1;
+        assert_refused(&mut gpu, spare, attach(1), Cap::Attachments);
+        // Attaching again what is attached takes no room.
+        assert_eq!(exec(&mut gpu, 1, attach(1)), RESP_OK_NODATA);
+        let detach = Command::CtxDetachResource { resource_id: 1 };
+        assert_eq!(exec(&mut gpu, 1, detach), RESP_OK_NODATA);
+        assert_eq!(exec(&mut gpu, spare, attach(1)), RESP_OK_NODATA);
+        assert_refused(&mut gpu, 1, attach(1), Cap::Attachments);
+        // Unref detaches the resource from every context (here 16).
+        let unref = Command::ResourceUnref { resource_id: 2 };
+        assert_eq!(exec(&mut gpu, 0, unref), RESP_OK_NODATA);
+        assert_eq!(gpu.usage().attachments, MAX_ATTACHMENTS - contexts as usize);
+        assert_eq!(exec(&mut gpu, 2, Command::CtxDestroy), RESP_OK_NODATA);
+        assert_eq!(
+            gpu.usage().attachments,
+            MAX_ATTACHMENTS - contexts as usize - (MAX_RESOURCES - 1)
+        );
+        assert_eq!(exec(&mut gpu, 1, attach(1)), RESP_OK_NODATA);
+    }
+
+    #[test]
+    fn refusals_are_logged_at_powers_of_two() {
+        let logged: Vec<u64> = (1..=10_000).filter(|&n| log_refusal(n)).collect();
+        assert_eq!(logged.len(), 14);
+        assert_eq!(logged[..5], [1, 2, 4, 8, 16]);
     }
 }

@@ -814,3 +814,93 @@ fn the_cursor_queue_answers_nothing_and_writes_nothing() {
     still_serving(&mut rig, 112);
     rig.finish();
 }
+
+/// A guest creating resources without end is refused at
+/// [`MAX_RESOURCES`] with `ERR_OUT_OF_MEMORY`, changing nothing; unref
+/// gives the room back, and the device keeps serving fences.
+#[test]
+fn resources_past_the_cap_are_refused_until_one_is_unreferenced() {
+    use fencelab_device::gpu::MAX_RESOURCES;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Chains per kick: two descriptors each, which with the one slot
+    /// `reserve_descs` may skip at the table's end still fit the table.
+    const BATCH: usize = QSIZE as usize / 2 - 1;
+    let started = std::time::Instant::now();
+    let mut rig = rig("caps");
+    let create = |resource_id| {
+        let c = ResourceCreate2d {
+            resource_id,
+            format: FORMAT_B8G8R8X8_UNORM,
+            width: 1,
+            height: 1,
+        };
+        bytes(&[hdr(CMD_RESOURCE_CREATE_2D).as_slice(), c.as_slice()])
+    };
+    let slots: Vec<(u64, u64)> = (0..BATCH)
+        .map(|_| (rig.drv.buffer(48, 0), rig.drv.buffer(24, UNTOUCHED)))
+        .collect();
+    // Creates resources `first..first + BATCH` in one kick; their answers.
+    let create_batch = |rig: &mut Rig, first: u32| -> Vec<u32> {
+        for (k, &(req, resp)) in slots.iter().enumerate() {
+            let mem = &rig.drv.mem;
+            mem.write_slice(&create(first + k as u32), GuestAddress(req))
+                .unwrap();
+            mem.write_slice(&[UNTOUCHED; 24], GuestAddress(resp))
+                .unwrap();
+            rig.drv.post_descs(&[
+                RawDesc::readable(req, 48).then(1),
+                RawDesc::writable(resp, 24),
+            ]);
+        }
+        rig.kick();
+        rig.wait_fences(BATCH as u16);
+        slots
+            .iter()
+            .map(|&(_, resp)| rig.drv.resp_hdr(resp).type_)
+            .collect()
+    };
+    let errors_before = rig.stats.errors();
+    let mut answers = Vec::new();
+    while !answers.contains(&RESP_ERR_OUT_OF_MEMORY) {
+        let first = answers.len() as u32 + 1;
+        answers.extend(create_batch(&mut rig, first));
+        assert!(answers.len() <= MAX_RESOURCES + BATCH, "never refused");
+    }
+    let refused = answers.len() - MAX_RESOURCES;
+    assert!(
+        answers[..MAX_RESOURCES]
+            .iter()
+            .all(|&t| t == RESP_OK_NODATA),
+        "every create under the cap succeeds"
+    );
+    assert!(
+        answers[MAX_RESOURCES..]
+            .iter()
+            .all(|&t| t == RESP_ERR_OUT_OF_MEMORY),
+        "every create over the cap is refused"
+    );
+    assert_eq!(rig.stats.errors() - errors_before, refused as u64);
+    // Nothing was created by the refusals: unref of the first refused id
+    // names no resource.
+    let unref = |id: u32| bytes(&[hdr(CMD_RESOURCE_UNREF).as_slice(), rid(id).as_slice()]);
+    let over = MAX_RESOURCES as u32 + 1;
+    assert_eq!(
+        ask(&mut rig, &unref(over), 24).type_,
+        RESP_ERR_INVALID_RESOURCE_ID
+    );
+    // Unref one: there is room for exactly one more.
+    assert_eq!(ask(&mut rig, &unref(5), 24).type_, RESP_OK_NODATA);
+    assert_eq!(ask(&mut rig, &create(over), 24).type_, RESP_OK_NODATA);
+    assert_eq!(
+        ask(&mut rig, &create(over + 1), 24).type_,
+        RESP_ERR_OUT_OF_MEMORY
+    );
+    still_serving(&mut rig, 9);
+    rig.finish();
+    eprintln!(
+        "{MAX_RESOURCES} resources created, {} refused, in {:?}",
+        refused + 1,
+        started.elapsed()
+    );
+}
