@@ -4,13 +4,11 @@
 //! command is read and has no renderer, so what it costs is the vhost-user
 //! plumbing alone.
 
-use crate::cmd::{self, Logged};
 use crate::paths;
+use crate::setup::{CargoInstall, cargo_install};
 use anyhow::{Context, Result};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// The crate and version the benchmarks compare against.
 pub const CRATE: &str = "vhost-device-gpu";
@@ -32,39 +30,16 @@ pub fn ensure_installed() -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    let started = Instant::now();
-    let log = cache.join("logs").join(format!("{CRATE}-install.log"));
-    std::fs::create_dir_all(log.parent().expect("logs folder"))
-        .with_context(|| format!("creating {}", log.display()))?;
-    eprintln!(
-        "peer: installing {CRATE} {VERSION} (--no-default-features) into {}, log {}",
-        root.display(),
-        log.display()
-    );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut install = Command::new(cargo);
-    install
-        .args([
-            "install",
-            CRATE,
-            "--version",
-            VERSION,
-            "--no-default-features",
-            "--locked",
-        ])
-        .arg("--root")
-        .arg(&root);
-    let logged = Logged {
-        every: Some(Duration::from_secs(30)),
-        ..Logged::new("peer: cargo install vhost-device-gpu", &log)
+    eprintln!("peer: installing {CRATE} {VERSION} (--no-default-features), a minute or so");
+    let install = CargoInstall {
+        krate: CRATE,
+        version: VERSION,
+        root,
+        args: &["--no-default-features"],
+        envs: &[],
     };
-    cmd::run_logged(install, &logged).with_context(|| {
-        format!("cannot build {CRATE} {VERSION} with cargo install (crates.io reachable?)")
-    })?;
-    eprintln!(
-        "peer: {CRATE} {VERSION} installed in {}",
-        cmd::human_duration(started.elapsed())
-    );
+    cargo_install(&cache, &install)
+        .with_context(|| format!("cannot build the peer backend {CRATE} {VERSION}"))?;
     Ok(binary)
 }
 

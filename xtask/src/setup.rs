@@ -710,20 +710,38 @@ fn ensure_bindgen(cache: &Path) -> Result<PathBuf> {
         step(&what, "ok (already present)");
         return Ok(bindgen);
     }
-    cargo_install(
-        cache,
-        "bindgen-cli",
-        BINDGEN_VERSION,
-        &[("LIBCLANG_PATH", LIBCLANG_PATH)],
-    )
-    .map_err(|e| e.context(manual_help()))?;
+    let install = CargoInstall {
+        krate: "bindgen-cli",
+        version: BINDGEN_VERSION,
+        root: cache.join("tools"),
+        args: &[],
+        envs: &[("LIBCLANG_PATH", LIBCLANG_PATH)],
+    };
+    cargo_install(cache, &install).map_err(|e| e.context(manual_help()))?;
     Ok(bindgen)
 }
 
-/// `cargo install KRATE --version VERSION --locked` into the cache's
-/// `tools/`, with a progress line a minute and the output in a log.
-fn cargo_install(cache: &Path, krate: &str, version: &str, envs: &[(&str, &str)]) -> Result<()> {
-    let root = cache.join("tools");
+/// A crate `cargo install` builds into the cache.
+pub struct CargoInstall<'a> {
+    pub krate: &'a str,
+    pub version: &'a str,
+    /// `--root`: the cache's `tools/`, or a folder of the crate's own.
+    pub root: PathBuf,
+    /// More `cargo install` arguments, e.g. `--no-default-features`.
+    pub args: &'a [&'a str],
+    pub envs: &'a [(&'a str, &'a str)],
+}
+
+/// `cargo install KRATE --version VERSION --locked` into `root`, with a
+/// progress line every 30 s and the output in `<cache>/logs/KRATE-install.log`.
+pub fn cargo_install(cache: &Path, install: &CargoInstall<'_>) -> Result<()> {
+    let CargoInstall {
+        krate,
+        version,
+        root,
+        args,
+        envs,
+    } = install;
     let t = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut c = Command::new(cargo);
@@ -734,19 +752,20 @@ fn cargo_install(cache: &Path, krate: &str, version: &str, envs: &[(&str, &str)]
         version,
         "--locked",
         "--force",
-        "--root",
     ])
-    .arg(&root)
+    .args(args.iter())
+    .arg("--root")
+    .arg(root)
     .envs(envs.iter().copied());
     let log = cache.join("logs").join(format!("{krate}-install.log"));
     let what = format!("setup: cargo install {krate}");
     let logged = Logged {
-        every: Some(Duration::from_secs(60)),
+        every: Some(Duration::from_secs(30)),
         ..Logged::new(&what, &log)
     };
     cmd::run_logged(c, &logged).map_err(|e| {
         e.context(format!(
-            "cargo install {krate} failed (crates.io reachable?)"
+            "cargo install {krate} {version} failed (crates.io reachable?)"
         ))
     })?;
     step(
@@ -779,7 +798,14 @@ pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
         step(&what, "ok (already present)");
     } else {
         eprintln!("setup: {what}: installing with cargo (a few minutes on first use)");
-        cargo_install(&cache, "cargo-fuzz", CARGO_FUZZ_VERSION, &[])?;
+        let install = CargoInstall {
+            krate: "cargo-fuzz",
+            version: CARGO_FUZZ_VERSION,
+            root: cache.join("tools"),
+            args: &[],
+            envs: &[],
+        };
+        cargo_install(&cache, &install)?;
     }
     Ok(cargo_fuzz)
 }

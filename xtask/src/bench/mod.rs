@@ -77,8 +77,8 @@ pub struct Figures {
 /// How long a user waits.
 #[derive(Debug, Default, Serialize)]
 pub struct BootFigures {
-    /// `cargo xtask boot` start to the result line, kernel and image
-    /// cached (the first round-trip run).
+    /// `cargo xtask boot` start to the result line with everything built,
+    /// median over the runs.
     pub warm_boot_to_result_s: Option<f64>,
     /// QEMU start to the workload's first fence, median over the runs.
     pub qemu_to_workload_ms_p50: Option<u64>,

@@ -182,7 +182,7 @@ pub fn render(f: &Figures) -> String {
     out += "\nboot\n";
     out += &columns(&[
         vec![
-            "warm boot → first result".into(),
+            "warm boot → first result (median)".into(),
             or_dash(f.boot.warm_boot_to_result_s, |s| format!("{s:.1} s")),
         ],
         vec![
