@@ -42,8 +42,8 @@ pub const MAX_RESOURCES: usize = 16_384;
 pub const MAX_CONTEXTS: usize = 4_096;
 /// Most `MemEntry`s attached as backing, summed over all resources (16
 /// bytes each: 16 MiB at the cap). Drivers send one entry per contiguous
-/// run of guest pages, so this covers 4 GiB of 4 KiB pages, eight times
-/// the 512 MiB guest `cargo xtask boot` starts; without it a guest could
+/// run of guest pages, so this covers 4 GiB of 4 KiB pages, twice the
+/// 2 GiB guest `cargo xtask boot` starts; without it a guest could
 /// make every resource carry `MAX_MEM_ENTRIES` (256 KiB of host memory).
 pub const MAX_BACKING_ENTRIES: usize = 1 << 20;
 /// Most (context, resource) attachments, summed over all contexts. The
