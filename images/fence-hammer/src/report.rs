@@ -226,7 +226,12 @@ pub fn result_line(workload: &str, device: &str, driver: &str, o: &Outcome) -> R
         elapsed_ms: round_to(secs * 1e3, 3),
         fences_per_s: round_to(per_s, 1),
         rtt_us: RttUs::from_ns(&o.rtt_ns),
-        rtt_us_by_phase: o.rtt_phases.samples.iter().map(|s| RttUs::from_ns(s)).collect(),
+        rtt_us_by_phase: o
+            .rtt_phases
+            .samples
+            .iter()
+            .map(|s| RttUs::from_ns(s))
+            .collect(),
         first_error: o.first_error.clone(),
         timeline_name: o.timeline_name.clone(),
         premature_signals: o.premature.premature,

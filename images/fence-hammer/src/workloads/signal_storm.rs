@@ -159,7 +159,11 @@ mod tests {
         let o = storm(&lanes, None, p).unwrap();
         assert!(o.ok(), "{o:?}");
         let sizes: Vec<usize> = o.rtt_phases.samples.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [100, 100, 100, 100], "each thread fed its own phases");
+        assert_eq!(
+            sizes,
+            [100, 100, 100, 100],
+            "each thread fed its own phases"
+        );
         let line = crate::report::result_line("signal-storm", "/dev/x", "virtio_gpu", &o);
         assert_eq!(line.rtt_us_by_phase.len(), 4);
         assert!(line.rtt_us_by_phase.iter().all(|r| r.p50.is_some()));
