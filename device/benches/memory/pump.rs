@@ -245,43 +245,19 @@ fn prepare(drv: &mut Driver, kick: &EventFd) -> Result<u16> {
         ctx_id: CTX,
         ..CtrlHdr::default()
     };
-    let create = ResourceCreate2d {
-        resource_id: RESOURCE,
-        format: FORMAT_B8G8R8X8_UNORM,
-        width: 64,
-        height: 64,
-    };
-    let attach = ResourceAttachBacking {
-        resource_id: RESOURCE,
-        nr_entries: 1,
-    };
-    let backing = MemEntry {
-        addr: SCRATCH,
-        length: SCRATCH_LEN,
-        padding: 0,
-    };
     let ctx = CtxCreate::default();
     let resource = ResourceId {
         resource_id: RESOURCE,
         padding: 0,
     };
-    let requests: [(u32, &[&[u8]]); 4] = [
-        (CMD_CTX_CREATE, &[ctx.as_slice()]),
-        (CMD_RESOURCE_CREATE_2D, &[create.as_slice()]),
-        (
-            CMD_RESOURCE_ATTACH_BACKING,
-            &[attach.as_slice(), backing.as_slice()],
-        ),
-        (CMD_CTX_ATTACH_RESOURCE, &[resource.as_slice()]),
-    ];
-    let mut responses = Vec::new();
-    for (type_, body) in requests {
-        let h = hdr(type_);
-        let parts: Vec<&[u8]> = std::iter::once(h.as_slice())
-            .chain(body.iter().copied())
-            .collect();
-        responses.push((type_, drv.post(&parts, 24)));
-    }
+    let post = |drv: &mut Driver, type_: u32, body: &[u8]| {
+        (type_, drv.post(&[hdr(type_).as_slice(), body], 24))
+    };
+    let mut responses = vec![post(drv, CMD_CTX_CREATE, ctx.as_slice())];
+    let [created, attached] = drv.post_backed_resource(RESOURCE);
+    responses.push((CMD_RESOURCE_CREATE_2D, created));
+    responses.push((CMD_RESOURCE_ATTACH_BACKING, attached));
+    responses.push(post(drv, CMD_CTX_ATTACH_RESOURCE, resource.as_slice()));
     kick.write(1).context("kick")?;
     let n = responses.len() as u16;
     drv.wait_used(n);

@@ -310,6 +310,44 @@ impl Driver {
         self.post_chain(parts, resp_len).1
     }
 
+    /// Posts (not kicked) `RESOURCE_CREATE_2D` of 64×64 resource `id` and
+    /// its `ATTACH_BACKING` with the whole scratch area, as a guest driver
+    /// creates a buffer. Returns the two response addresses.
+    pub fn post_backed_resource(&mut self, id: u32) -> [u64; 2] {
+        let hdr = |type_| CtrlHdr {
+            type_,
+            ..CtrlHdr::default()
+        };
+        let create = ResourceCreate2d {
+            resource_id: id,
+            format: FORMAT_B8G8R8X8_UNORM,
+            width: 64,
+            height: 64,
+        };
+        let attach = ResourceAttachBacking {
+            resource_id: id,
+            nr_entries: 1,
+        };
+        let entry = MemEntry {
+            addr: SCRATCH,
+            length: SCRATCH_LEN,
+            padding: 0,
+        };
+        let created = self.post(
+            &[hdr(CMD_RESOURCE_CREATE_2D).as_slice(), create.as_slice()],
+            24,
+        );
+        let attached = self.post(
+            &[
+                hdr(CMD_RESOURCE_ATTACH_BACKING).as_slice(),
+                attach.as_slice(),
+                entry.as_slice(),
+            ],
+            24,
+        );
+        [created, attached]
+    }
+
     /// EVENT_IDX: the used index after which the driver wants a notify.
     pub fn set_used_event(&self, idx: u16) {
         self.mem
@@ -649,33 +687,7 @@ impl Rig {
 
     /// Creates 2D resource `id` backed by the scratch area (all of it).
     pub fn backed_resource(&mut self, id: u32) {
-        let create = CtrlHdr {
-            type_: CMD_RESOURCE_CREATE_2D,
-            ..CtrlHdr::default()
-        };
-        let c = ResourceCreate2d {
-            resource_id: id,
-            format: FORMAT_B8G8R8X8_UNORM,
-            width: 64,
-            height: 64,
-        };
-        let r1 = self.drv.post(&[create.as_slice(), c.as_slice()], 24);
-        let attach = CtrlHdr {
-            type_: CMD_RESOURCE_ATTACH_BACKING,
-            ..CtrlHdr::default()
-        };
-        let a = ResourceAttachBacking {
-            resource_id: id,
-            nr_entries: 1,
-        };
-        let e = MemEntry {
-            addr: SCRATCH,
-            length: SCRATCH_LEN,
-            padding: 0,
-        };
-        let r2 = self
-            .drv
-            .post(&[attach.as_slice(), a.as_slice(), e.as_slice()], 24);
+        let [r1, r2] = self.drv.post_backed_resource(id);
         self.kick();
         let n = self.used_seen + 2;
         self.wait_used(n);
