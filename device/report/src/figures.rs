@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::RttUs;
+use crate::{DriverTotals, RttUs};
 
 /// `deadline-race`: `SYNC_IOC_SET_DEADLINE` in a tight loop on every
 /// in-flight fence, racing its signaling.
@@ -13,19 +13,32 @@ use crate::RttUs;
 pub struct DeadlineRaceReport {
     /// Successful `SYNC_IOC_SET_DEADLINE` calls.
     pub deadlines_set: u64,
+    /// Of those, the submitter's one call on each fence right after its
+    /// submission.
+    pub set_at_submit: u64,
     /// Of those, calls on a fence already seen signaled before the call.
     pub set_after_signal: u64,
     /// `SYNC_IOC_SET_DEADLINE` calls that failed.
     pub set_errors: u64,
+    /// fencelab_drm's own counters at the end of the run (`None` on
+    /// virtio_gpu, which has no such file).
+    pub driver: Option<DriverTotals>,
 }
 
 impl DeadlineRaceReport {
     /// One line for people.
     pub fn one_line(&self) -> String {
-        format!(
-            "{} deadlines set ({} on signaled fences), {} ioctl errors",
-            self.deadlines_set, self.set_after_signal, self.set_errors
-        )
+        let mut line = format!(
+            "{} deadlines set ({} at submission, {} on signaled fences), {} ioctl errors",
+            self.deadlines_set, self.set_at_submit, self.set_after_signal, self.set_errors
+        );
+        if let Some(d) = self.driver {
+            line.push_str(&format!(
+                "; fencelab_drm sent {} deadline hints to the device, dropped {}",
+                d.hints_sent, d.hints_dropped
+            ));
+        }
+        line
     }
 }
 
@@ -130,14 +143,34 @@ mod tests {
 
     #[test]
     fn one_lines_name_the_figures() {
-        let d = DeadlineRaceReport {
+        let mut d = DeadlineRaceReport {
             deadlines_set: 10,
+            set_at_submit: 4,
             set_after_signal: 2,
             set_errors: 1,
+            driver: None,
         };
         assert_eq!(
             d.one_line(),
-            "10 deadlines set (2 on signaled fences), 1 ioctl errors"
+            "10 deadlines set (4 at submission, 2 on signaled fences), 1 ioctl errors"
+        );
+        d.driver = Some(DriverTotals {
+            hints_sent: 7,
+            hints_dropped: 3,
+            ..DriverTotals::default()
+        });
+        assert!(
+            d.one_line()
+                .ends_with("; fencelab_drm sent 7 deadline hints to the device, dropped 3"),
+            "{}",
+            d.one_line()
+        );
+        let old: DeadlineRaceReport =
+            serde_json::from_str(r#"{"deadlines_set":3,"set_after_signal":1}"#).unwrap();
+        assert_eq!(
+            (old.set_at_submit, old.driver),
+            (0, None),
+            "older lines read"
         );
         let a = ArrayOrderReport {
             arrays: 2,

@@ -36,6 +36,7 @@ use fencelab_stream::{Op, encode};
 
 use crate::fencelab::FencelabNode;
 use crate::fencelab_cutoff::{self, Job, RoundsConfig};
+use crate::fencelab_debugfs;
 use crate::fencelab_uapi as fl;
 use crate::report::Outcome;
 use crate::sync_file::{self, Readiness};
@@ -45,28 +46,11 @@ pub const SUMMARY: &str = "rmmod fencelab_drm with fences pending and their sync
 
 /// The module the workload unloads and loads.
 const MODULE: &CStr = c"fencelab_drm";
-/// The driver's debugfs totals.
-const DEBUGFS_TIMELINES: &str = "/sys/kernel/debug/fencelab_drm/timelines";
 /// How long `rmmod` may keep failing with `EAGAIN`/`EBUSY` (a DRM file
 /// being released) before the round fails.
 const UNLOAD_WAIT: Duration = Duration::from_secs(10);
 /// How far ahead of submission the deadlines are set.
 const DEADLINE_AHEAD: Duration = Duration::from_millis(1);
-
-/// Parses the `total key=value ...` line of the driver's debugfs file.
-fn parse_driver_totals(text: &str) -> Option<DriverTotals> {
-    let line = text.lines().find(|l| l.starts_with("total "))?;
-    let value = |key: &str| -> Option<u64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-    };
-    Some(DriverTotals {
-        ordering_violations: value("ordering_violations")?,
-        timeouts: value("timeouts")?,
-        hints_sent: value("hints_sent")?,
-        hints_dropped: value("hints_dropped")?,
-    })
-}
 
 /// Figures of the whole run, printed at the end and reported as
 /// [`UnloadReport`].
@@ -203,12 +187,12 @@ fn one_round(
         }
     }
 
-    let totals = std::fs::read_to_string(DEBUGFS_TIMELINES)
-        .ok()
-        .and_then(|t| parse_driver_totals(&t));
-    match totals {
+    match fencelab_debugfs::read_totals() {
         Some(t) => figures.driver.add(t),
-        None => eprintln!("fence-hammer: {label}: no driver totals in {DEBUGFS_TIMELINES}"),
+        None => eprintln!(
+            "fence-hammer: {label}: no driver totals in {}",
+            fencelab_debugfs::TIMELINES
+        ),
     }
     let fds: Vec<BorrowedFd<'_>> = jobs.iter().map(|j| j.fence.as_fd()).collect();
     let states = sync_file::poll_in(&fds, Duration::ZERO)?;
@@ -357,23 +341,6 @@ fn print_report(r: &UnloadReport, out: &Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn driver_totals_parse_the_debugfs_line() {
-        let text = "device_ctx fence_ctx last_submitted\n1 5 3 2 1 2 0 0 1\ntotal submitted=3 completed=2 errors=0 timeouts=4 cancelled=0 ordering_violations=7 pending=1 late_answers=0 bad_answers=0 unfenced_errors=0 hints_sent=9 hints_dropped=2\n";
-        let t = parse_driver_totals(text).unwrap();
-        assert_eq!(
-            (
-                t.ordering_violations,
-                t.timeouts,
-                t.hints_sent,
-                t.hints_dropped
-            ),
-            (7, 4, 9, 2)
-        );
-        assert!(parse_driver_totals("no totals here").is_none());
-        assert!(parse_driver_totals("total submitted=1").is_none());
-    }
 
     #[test]
     fn the_report_sums_the_rounds() {

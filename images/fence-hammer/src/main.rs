@@ -16,6 +16,7 @@ mod drm;
 mod errno;
 mod fencelab;
 mod fencelab_cutoff;
+mod fencelab_debugfs;
 mod fencelab_reset;
 mod fencelab_uapi;
 mod fencelab_unload;

@@ -92,6 +92,9 @@ pub fn judge(expect: &Expect, driver: Driver, evidence: &Evidence) -> Judgement 
         }
         None => {}
     }
+    if reasons.len() > evidence.failures.len() {
+        reasons.extend(guest_figures(evidence.guest));
+    }
     let verdict = if !reasons.is_empty() {
         Verdict::Fail
     } else if !driver_findings.is_empty() {
@@ -104,6 +107,16 @@ pub fn judge(expect: &Expect, driver: Driver, evidence: &Evidence) -> Judgement 
         reasons,
         driver_findings,
     }
+}
+
+/// The guest's own figures behind a broken expectation, so that a failure
+/// read from CI output alone says which side saw what (e.g. the device saw
+/// no deadline hint: did the guest set any on unsignaled fences, and did
+/// fencelab_drm send them?).
+fn guest_figures(guest: Option<&Value>) -> Option<String> {
+    let race = guest?.get("deadline_race")?;
+    let race: fencelab_report::DeadlineRaceReport = serde_json::from_value(race.clone()).ok()?;
+    Some(format!("guest deadline race: {}", race.one_line()))
 }
 
 #[derive(Clone, Copy)]
@@ -247,6 +260,44 @@ mod tests {
         assert_eq!(
             judge(&fine, Driver::Fencelab, &no_device).reasons,
             ["no device accounting to check the expectations against"]
+        );
+    }
+
+    #[test]
+    fn a_broken_expectation_quotes_the_guests_deadline_race_figures() {
+        let accounting = Accounting::default();
+        let expect = Expect {
+            device_min: [("deadline_hints".to_string(), 1)].into(),
+            ..Expect::default()
+        };
+        let guest = json!({"deadline_race": {"deadlines_set": 1048, "set_after_signal": 1000,
+            "driver": {"hints_sent": 44, "hints_dropped": 0}}});
+        let evidence = Evidence {
+            failures: &[],
+            findings: &[],
+            accounting: Some(&accounting),
+            guest: Some(&guest),
+        };
+        let j = judge(&expect, Driver::Fencelab, &evidence);
+        assert_eq!(j.reasons.len(), 2, "{:?}", j.reasons);
+        assert!(
+            j.reasons[1].starts_with("guest deadline race: 1048 deadlines set")
+                && j.reasons[1].contains("sent 44 deadline hints"),
+            "{}",
+            j.reasons[1]
+        );
+        let enough = Accounting {
+            deadline_hints: 1,
+            ..Accounting::default()
+        };
+        let passing = Evidence {
+            accounting: Some(&enough),
+            ..evidence
+        };
+        assert!(
+            judge(&expect, Driver::Fencelab, &passing)
+                .reasons
+                .is_empty()
         );
     }
 
