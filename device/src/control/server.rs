@@ -4,8 +4,12 @@
 //! Framing: one request per line, one reply per line, in order. A line
 //! longer than [`MAX_LINE_BYTES`] gets an error reply and the connection is
 //! closed (the rest of the line cannot be told from a next request); a line
-//! cut off by end of input gets an error reply and is not carried out. Every
-//! other bad line gets an error reply and the connection carries on.
+//! cut off by end of input gets an error reply and is not carried out; so
+//! does a line whose rest has not come [`REQUEST_STALL`] after its first
+//! byte, and that connection is closed (a client stalled mid-line would
+//! otherwise hold one of the [`MAX_CONNECTIONS`] slots for ever). A client
+//! idle *between* requests keeps its connection. Every other bad line gets
+//! an error reply and the connection carries on.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,10 @@ use crate::fault::DeviceControl;
 
 /// Connections served at once; more are told so and closed.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long the rest of a request line may take once its first byte has
+/// come. Generous: `fencelab-ctl` and scripts write a line at once.
+pub const REQUEST_STALL: Duration = Duration::from_secs(10);
 
 /// How long stopping waits for device calls already under way.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -186,16 +194,35 @@ enum Frame {
     Truncated,
     /// More than the line limit without a newline.
     TooLong,
+    /// A line begun, then no newline within the stall limit.
+    Stalled,
+}
+
+/// What a connection may send: the longest line and how long the rest of a
+/// line may take once it has begun.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    line_bytes: usize,
+    stall: Duration,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     buf: &mut Vec<u8>,
-    limit: usize,
+    limits: Limits,
 ) -> io::Result<Frame> {
     buf.clear();
+    // Between requests a client may stay silent as long as it likes.
+    if reader.fill_buf().await?.is_empty() {
+        return Ok(Frame::End);
+    }
+    let limit = limits.line_bytes;
     let max = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    let n = reader.take(max).read_until(b'\n', buf).await?;
+    let read = tokio::time::timeout(limits.stall, reader.take(max).read_until(b'\n', buf)).await;
+    let Ok(n) = read else {
+        return Ok(Frame::Stalled);
+    };
+    let n = n?;
     Ok(if n == 0 {
         Frame::End
     } else if buf.last() == Some(&b'\n') {
@@ -213,19 +240,23 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite>(
     stream: S,
     device: Arc<dyn DeviceControl>,
 ) -> io::Result<()> {
-    serve_with_limit(stream, device, MAX_LINE_BYTES).await
+    let limits = Limits {
+        line_bytes: MAX_LINE_BYTES,
+        stall: REQUEST_STALL,
+    };
+    serve_with_limits(stream, device, limits).await
 }
 
-async fn serve_with_limit<S: AsyncRead + AsyncWrite>(
+async fn serve_with_limits<S: AsyncRead + AsyncWrite>(
     stream: S,
     device: Arc<dyn DeviceControl>,
-    limit: usize,
+    limits: Limits,
 ) -> io::Result<()> {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
     loop {
-        let frame = read_frame(&mut reader, &mut line, limit).await?;
+        let frame = read_frame(&mut reader, &mut line, limits).await?;
         let (reply, more) = match frame {
             Frame::End => return Ok(()),
             Frame::Line => (handle_line(&line, &device).await, true),
@@ -238,7 +269,16 @@ async fn serve_with_limit<S: AsyncRead + AsyncWrite>(
             ),
             Frame::TooLong => (
                 Response::Err(format!(
-                    "request line longer than {limit} bytes; nothing was done and the connection is closed"
+                    "request line longer than {} bytes; nothing was done and the connection is closed",
+                    limits.line_bytes
+                )),
+                false,
+            ),
+            Frame::Stalled => (
+                Response::Err(format!(
+                    "request stalled: {} bytes came, then no newline for {} ms; nothing was done and the connection is closed",
+                    line.len(),
+                    limits.stall.as_millis()
                 )),
                 false,
             ),
@@ -307,7 +347,11 @@ mod tests {
     async fn converse(input: &[u8], limit: usize) -> (Vec<serde_json::Value>, Vec<String>) {
         let device = Arc::new(Counting::default());
         let (client, server) = tokio::io::duplex(64);
-        let served = tokio::spawn(serve_with_limit(server, device.clone(), limit));
+        let limits = Limits {
+            line_bytes: limit,
+            stall: REQUEST_STALL,
+        };
+        let served = tokio::spawn(serve_with_limits(server, device.clone(), limits));
         let (read, mut write) = tokio::io::split(client);
         let input = input.to_vec();
         let writer = tokio::spawn(async move {
@@ -380,5 +424,36 @@ mod tests {
         let (replies, calls) = converse(&input, 100).await;
         assert_eq!(replies[0]["ok"], false, "{replies:?}");
         assert!(calls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_line_stalled_midway_is_refused_and_an_idle_client_is_not() {
+        let device = Arc::new(Counting::default());
+        let (client, server) = tokio::io::duplex(64);
+        let limits = Limits {
+            line_bytes: 100,
+            stall: Duration::from_millis(200),
+        };
+        let served = tokio::spawn(serve_with_limits(server, device.clone(), limits));
+        let (read, mut write) = tokio::io::split(client);
+        let mut replies = BufReader::new(read).lines();
+        // Idle for longer than the stall limit before a request: fine.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        write.write_all(b"{\"cmd\":\"stats\"}\n").await.unwrap();
+        let reply: serde_json::Value =
+            serde_json::from_str(&replies.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        // Half a request, then nothing.
+        write.write_all(b"{\"cmd\":\"pa").await.unwrap();
+        let reply: serde_json::Value =
+            serde_json::from_str(&replies.next_line().await.unwrap().unwrap()).unwrap();
+        let error = reply["error"].as_str().unwrap();
+        assert!(
+            error.contains("request stalled: 10 bytes came") && error.contains("200 ms"),
+            "{error}"
+        );
+        assert_eq!(replies.next_line().await.unwrap(), None, "closed");
+        served.await.unwrap().unwrap();
+        assert_eq!(*device.0.lock().unwrap(), ["stats"]);
     }
 }
