@@ -62,7 +62,7 @@ use vmm_sys_util::event::{
 use crate::decode::{self, Command};
 use crate::engine::{Clock, Engine, Submission, planned_due};
 use crate::fault::{Decide, Decision, FenceInfo, TimelineId, TraceEvent, Tracer};
-use crate::gpu::{DeadlineHint, Gpu, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
+use crate::gpu::{DeadlineHint, Gpu, GpuError, GuestRanges, NUM_CAPSETS, NUM_SCANOUTS, Outcome};
 use crate::protocol::*;
 use crate::stats::Stats;
 
@@ -335,6 +335,9 @@ impl FencelabGpu {
                 }
                 let ranges = MemRanges(mem);
                 let outcome = lock(&self.gpu).execute(&hdr, cmd, &ranges);
+                if let Some(GpuError::OverCap { cap, .. }) = &outcome.error {
+                    self.stats.refused_over_cap(cap.key());
+                }
                 // Cap refusals are logged by `Gpu` itself, rate-limited.
                 if let Some(e) = outcome.error.as_ref().filter(|e| !e.logged_by_gpu()) {
                     warn!(

@@ -76,6 +76,16 @@ impl Cap {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The cap's name in the device's stats (`refused_over_cap`).
+    pub const fn key(self) -> &'static str {
+        match self {
+            Cap::Resources => "resources",
+            Cap::Contexts => "contexts",
+            Cap::BackingEntries => "backing_entries",
+            Cap::Attachments => "attachments",
+        }
+    }
 }
 
 impl std::fmt::Display for Cap {

@@ -54,6 +54,9 @@ struct Inner {
     commands: BTreeMap<&'static str, u64>,
     error_responses: u64,
     dropped: u64,
+    /// Requests refused because they would have exceeded a cap of the
+    /// device's (`gpu::Cap::key`), answered `ERR_OUT_OF_MEMORY`.
+    refused_over_cap: BTreeMap<&'static str, u64>,
     totals: Accounting,
     by_command: BTreeMap<&'static str, Accounting>,
     timelines: BTreeMap<TimelineId, TimelineStats>,
@@ -144,6 +147,12 @@ impl Stats {
     /// A request was answered with an error (fenced or not).
     pub fn error_response(&self) {
         lock(&self.inner).error_responses += 1;
+    }
+
+    /// A request was refused because it would have exceeded the cap named
+    /// `cap` (kept across device resets, unlike the `Gpu` that refused it).
+    pub fn refused_over_cap(&self, cap: &'static str) {
+        *lock(&self.inner).refused_over_cap.entry(cap).or_default() += 1;
     }
 
     /// A chain returned without any response (nowhere to write one).
@@ -295,6 +304,7 @@ impl Stats {
             "fences_completed": inner.totals.completed,
             "error_responses": inner.error_responses,
             "dropped": inner.dropped,
+            "refused_over_cap": inner.refused_over_cap,
             "fences_pending": inner.totals.pending + inner.totals.hung,
             "accounting": inner.totals,
             "accounting_by_command": inner.by_command,
@@ -326,6 +336,7 @@ impl Stats {
             "commands_by_type": inner.commands,
             "error_responses": inner.error_responses,
             "dropped": inner.dropped,
+            "refused_over_cap": inner.refused_over_cap,
             "accounting": inner.totals,
             "accounting_by_command": inner.by_command,
             "timelines": timelines,
@@ -367,7 +378,11 @@ mod tests {
             },
         );
         s.error_response();
+        s.refused_over_cap("contexts");
+        s.refused_over_cap("contexts");
         let j = s.summary();
+        assert_eq!(j["refused_over_cap"], json!({"contexts": 2}));
+        assert_eq!(s.json()["refused_over_cap"], j["refused_over_cap"]);
         assert_eq!(j["commands"], 3);
         assert_eq!(j["commands_by_type"]["SUBMIT_3D"], 2);
         assert_eq!(j["fences_submitted"], 1);

@@ -881,6 +881,11 @@ fn resources_past_the_cap_are_refused_until_one_is_unreferenced() {
         "every create over the cap is refused"
     );
     assert_eq!(rig.stats.errors() - errors_before, refused as u64);
+    assert_eq!(
+        rig.stats.summary()["refused_over_cap"]["resources"],
+        refused as u64,
+        "the summary counts the refusals"
+    );
     // Nothing was created by the refusals: unref of the first refused id
     // names no resource.
     let unref = |id: u32| bytes(&[hdr(CMD_RESOURCE_UNREF).as_slice(), rid(id).as_slice()]);
