@@ -8,12 +8,11 @@
 //! fence before it signals when the guest scheduler runs it late (seen
 //! under TCG: 48 of 1000 fences in a run of 2.3 s, and none at all in
 //! another), and then the driver and the device see no deadline at all.
-//! Beside it, a setter
-//! thread gets a duplicate of every out-fence as it is submitted and sweeps
-//! over all it holds, without pause: each sweep sets a deadline on each
-//! fence — now, or a little in the past or the future, varied from call to
-//! call ([`OFFSETS_NS`]) — so that deadlines land while the fence is being
-//! signaled. A fence the setter saw signaled (poll, just before its call)
+//! Beside it, a setter thread gets a duplicate of every out-fence as it is
+//! submitted and sweeps over all it holds, without pause: each sweep sets a
+//! deadline on each fence — now, or a little in the past or the future,
+//! varied from call to call ([`OFFSETS_NS`]) — so that deadlines land while
+//! the fence is being signaled. A fence the setter saw signaled (poll, just before its call)
 //! gets that one last deadline, on purpose — a deadline reaching a signaled
 //! fence is a case drivers must handle — and is dropped; so is one whose
 //! `--timeout-ms` has passed (the pipeline reports it).
