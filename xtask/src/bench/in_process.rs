@@ -230,43 +230,40 @@ mod tests {
         std::fs::write(path, text).unwrap();
     }
 
+    /// Writes one criterion result folder (`benchmark.json` and
+    /// `estimates.json`) at `dir`; returns the estimates file.
+    fn criterion_result(dir: &Path, benchmark: &str, estimates: &str) -> PathBuf {
+        write(&dir.join("benchmark.json"), benchmark);
+        let estimates_file = dir.join("estimates.json");
+        write(&estimates_file, estimates);
+        estimates_file
+    }
+
     #[test]
     fn criterion_results_are_read_by_id_with_their_throughput_and_old_ones_skipped() {
         let root = std::env::temp_dir().join(format!("fencelab-criterion-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let old = root.join("decode/old_bench/new");
-        write(
-            &old.join("benchmark.json"),
+        let old = criterion_result(
+            &root.join("decode/old_bench/new"),
             r#"{"full_id":"decode/old_bench","throughput":null}"#,
-        );
-        write(
-            &old.join("estimates.json"),
             r#"{"median":{"point_estimate":1.0}}"#,
         );
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
         std::fs::File::options()
             .write(true)
-            .open(old.join("estimates.json"))
+            .open(old)
             .unwrap()
             .set_modified(an_hour_ago)
             .unwrap();
         let since = an_hour_ago + Duration::from_secs(60);
-        let fresh = root.join("scheduler/10k_pending/new");
-        write(
-            &fresh.join("benchmark.json"),
+        criterion_result(
+            &root.join("scheduler/10k_pending/new"),
             r#"{"group_id":"scheduler","function_id":"10k_pending","full_id":"scheduler/10k_pending","throughput":{"Elements":1}}"#,
-        );
-        write(
-            &fresh.join("estimates.json"),
             r#"{"mean":{"point_estimate":300.0},"median":{"point_estimate":250.0}}"#,
         );
-        let plain = root.join("decode/short/new");
-        write(
-            &plain.join("benchmark.json"),
+        criterion_result(
+            &root.join("decode/short/new"),
             r#"{"full_id":"decode/short","throughput":null}"#,
-        );
-        write(
-            &plain.join("estimates.json"),
             r#"{"median":{"point_estimate":40.0}}"#,
         );
         // criterion's HTML report folders are not results.
